@@ -1,0 +1,131 @@
+"""The Python API: the same plain functions the CLI calls.
+
+>>> import softprompt
+>>> result = softprompt.train("translation", "train.jsonl", "out/", epochs=1)  # doctest: +SKIP
+>>> pm = softprompt.load_prompt("out/")                                        # doctest: +SKIP
+>>> pm.generate("A dog runs on the beach.")                                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from softprompt import generation, models
+from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
+from softprompt.data import read_records
+from softprompt.errors import SoftPromptError
+from softprompt.prompt import check_hidden_size, load_prompt_tensor
+from softprompt.tasks import Task, get_task, make_example, render_input
+from softprompt.train import TrainResult
+from softprompt.train import train as _train
+
+
+def _split_options(options: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
+    """Route keyword options to the config dataclasses that declare them."""
+    remaining = dict(options)
+    parts = []
+    for cls in classes:
+        names = {f.name for f in fields(cls)}
+        parts.append({k: remaining.pop(k) for k in list(remaining) if k in names})
+    if remaining:
+        raise SoftPromptError(f"unknown option(s) {sorted(remaining)}")
+    return parts
+
+
+def train(task: str | Task, train: str | Path, output: str | Path, *,
+          validation: str | Path | None = None, model: str = models.DEFAULT_MODEL,
+          split: str | None = None, validation_split: str | None = None,
+          overwrite: bool = False, resume: bool = False, progress: bool = True,
+          loaded: tuple[Any, Any] | None = None, **options: Any) -> TrainResult:
+    """Train a soft prompt; ``options`` are PromptConfig/TrainConfig fields (``epochs=3`` ...).
+
+    ``loaded`` passes an already loaded ``(model, tokenizer)`` to skip loading.
+    """
+    prompt_opts, train_opts = _split_options(options, PromptConfig, TrainConfig)
+    pcfg, tcfg = PromptConfig(**prompt_opts), TrainConfig(**train_opts)
+    task_obj = task if isinstance(task, Task) else get_task(task)
+    train_records = read_records(train, split)
+    val_records = read_records(validation, validation_split or "validation") if validation else None
+    # Validate the data against the task before the (slow) model load.
+    for records in (train_records, val_records or []):
+        for i, rec in enumerate(records):
+            make_example(task_obj, rec, i)
+    lm, tokenizer = loaded or models.load_model(model, device=_device())
+    return _train(lm, tokenizer, task_obj, train_records, output,
+                  validation_records=val_records, prompt_config=pcfg, train_config=tcfg,
+                  model_name=model, overwrite=overwrite, resume=resume, progress=progress)
+
+
+def _device() -> torch.device:
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+@dataclass
+class PromptedModel:
+    """A frozen model with a trained soft prompt, ready to generate."""
+
+    model: Any
+    tokenizer: Any
+    prompt: torch.Tensor  # [P, H]
+    task: Task
+    model_name: str
+
+    def render(self, item: str | dict) -> str:
+        """A raw text (for one-field templates) or a record -> the templated input text."""
+        if isinstance(item, dict):
+            return render_input(self.task, make_example(self.task, item))
+        names = self.task.placeholders()
+        if len(names) != 1:
+            raise SoftPromptError(f"task {self.task.name!r} needs fields {names}; pass a record "
+                                  f"(a JSON object) instead of plain text")
+        return self.task.template.format(**{names[0]: item})
+
+    def generate(self, inputs: str | dict | list[str | dict], **options: Any) -> str | list[str]:
+        """Generate for one input or a list; options are GenerationConfig fields."""
+        single = not isinstance(inputs, list)
+        items = [inputs] if single else inputs
+        opts = {"max_new_tokens": self.task.max_new_tokens, **options}
+        progress = opts.pop("progress", False)
+        texts = [self.render(x) for x in items]
+        outs = generation.generate(self.model, self.tokenizer, texts, self.prompt,
+                                   GenerationConfig(**opts), stop=self.task.stop,
+                                   progress=progress)
+        return outs[0] if single else outs
+
+
+def load_prompt(directory: str | Path, model: str | None = None,
+                loaded: tuple[Any, Any] | None = None) -> PromptedModel:
+    """Load ``prompt.safetensors`` + ``softprompt.json`` and the model it was trained on."""
+    tensor, meta = load_prompt_tensor(directory)
+    task = Task.from_dict(meta.task)
+    name = model or meta.model
+    lm, tokenizer = loaded or models.load_model(name, device=_device())
+    check_hidden_size(tensor, lm.get_input_embeddings().weight.shape[1],
+                      str(Path(directory) / "prompt.safetensors"))
+    return PromptedModel(lm, tokenizer, tensor.to(lm.device), task, name)
+
+
+def generate(prompt_dir: str | Path, inputs: str | dict | list, *, model: str | None = None,
+             **options: Any) -> str | list[str]:
+    """Load a prompt and generate for ``inputs`` (see :meth:`PromptedModel.generate`)."""
+    return load_prompt(prompt_dir, model).generate(inputs, **options)
+
+
+def parse_input(text: str) -> str | dict:
+    """``--input``: a JSON object is a record, anything else is plain text."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise SoftPromptError(f"--input looks like JSON but is not valid ({exc.msg})") from None
+        if isinstance(value, dict):
+            return value
+    return text

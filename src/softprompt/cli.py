@@ -1,0 +1,174 @@
+"""Command line: a table of subcommands mapped onto the plain functions in api.py.
+
+Argument parsing only; every option that belongs to a config dataclass is generated from its
+fields, so ``--help`` shows the fields' documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+from typing import Any
+
+from softprompt.config import GenerationConfig, PromptConfig, PromptInit, TrainConfig
+from softprompt.errors import SoftPromptError
+from softprompt.models import DEFAULT_MODEL
+
+
+def _add_dataclass(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip())
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = f.default if f.default is not MISSING else None
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            group.add_argument(flag, action="store_true", dest=f.name,
+                               help=f"{help_text} (default: off)")
+            continue
+        if isinstance(kind, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if isinstance(kind, type) and issubclass(kind, PromptInit):
+            group.add_argument(flag, dest=f.name, default=default.value,
+                               choices=[i.value for i in PromptInit], help=help_text)
+            continue
+        shown = default.value if hasattr(default, "value") else default
+        group.add_argument(flag, dest=f.name, type=kind, default=default, metavar=f.name.upper()
+                           if kind is str else kind.__name__.upper(),
+                           help=f"{help_text} (default: {shown})")
+
+
+def _pick(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task")
+    g.add_argument("--task", help="summarization, qa, translation, or a task YAML file")
+    g.add_argument("--template", help="custom input template with {field} placeholders")
+    g.add_argument("--target-field", help="record field holding the target (custom tasks)")
+    g.add_argument("--field", action="append", metavar="NAME=PATH", dest="field_map",
+                   help="read template field NAME from record PATH (dotted), e.g. "
+                        "source=article or answers=answers.text; repeatable")
+    g.add_argument("--source-lang", default="English", help="translation source language")
+    g.add_argument("--target-lang", default="German", help="translation target language")
+    g.add_argument("--stop", default=None, help="stop string for generation (task default)")
+
+
+def _task(args: argparse.Namespace):
+    from softprompt.tasks import get_task, parse_field_map
+
+    stop = None if args.stop is None else args.stop.encode().decode("unicode_escape")
+    return get_task(args.task, template=args.template, target_field=args.target_field,
+                    field_map=parse_field_map(args.field_map), source_lang=args.source_lang,
+                    target_lang=args.target_lang, stop=stop)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from softprompt import api
+
+    result = api.train(_task(args), args.train, args.output, validation=args.validation,
+                       model=args.model, split=args.split, overwrite=args.overwrite,
+                       resume=args.resume, progress=not args.quiet,
+                       **_pick(args, PromptConfig), **_pick(args, TrainConfig))
+    print(f"saved prompt to {args.output} ({json.dumps(result.meta.metrics)})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from softprompt import api
+    from softprompt.data import read_records
+
+    if (args.input is None) == (args.file is None):
+        raise SoftPromptError("give exactly one of --input TEXT or --file PATH")
+    items = ([api.parse_input(args.input)] if args.input is not None
+             else list(read_records(args.file)))
+    pm = api.load_prompt(args.prompt, model=args.model)
+    options = _pick(args, GenerationConfig)
+    if args.max_new_tokens is None:
+        options.pop("max_new_tokens")
+    outputs = pm.generate(items, progress=args.file is not None, **options)
+    if args.input is not None:
+        print(outputs[0])
+        return 0
+    lines = "".join(json.dumps({"id": rec.get("id", i), "prediction": out},
+                               ensure_ascii=False) + "\n"
+                    for i, (rec, out) in enumerate(zip(items, outputs)))
+    if args.output:
+        from softprompt import atomic
+
+        atomic.write_text(args.output, lines)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    _add_task_args(p)
+    p.add_argument("--train", required=True, help="training data: .jsonl, .json, .csv or hf:NAME")
+    p.add_argument("--validation", help="validation data (early stopping, best prompt)")
+    p.add_argument("--split", default=None, help="split of an hf: training dataset")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model alias, local dir or hub id")
+    p.add_argument("--overwrite", action="store_true", help="replace a prompt in --output")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_dataclass(p, PromptConfig)
+    _add_dataclass(p, TrainConfig)
+
+
+def _generate_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="directory written by `softprompt train`")
+    p.add_argument("--input", help="one input: plain text, or a JSON record for multi-field tasks")
+    p.add_argument("--file", help="a .jsonl/.csv file of records to generate for")
+    p.add_argument("--output", help="write JSONL predictions here (default: stdout)")
+    p.add_argument("--model", default=None, help="override the model recorded with the prompt")
+    _add_dataclass(p, GenerationConfig)
+    p.set_defaults(max_new_tokens=None)
+
+
+COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
+    "train": (_train_parser, cmd_train, "train a soft prompt"),
+    "generate": (_generate_parser, cmd_generate, "generate with a trained prompt"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softprompt", description=__doc__.splitlines()[0])
+    from softprompt import __version__
+
+    parser.add_argument("--version", action="version", version=f"softprompt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (configure, func, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        configure(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except SoftPromptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+__all__ = ["main", "build_parser", "COMMANDS"]

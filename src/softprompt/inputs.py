@@ -1,0 +1,216 @@
+"""The one place where the soft prompt meets the model's inputs.
+
+Everything that merges a ``[P, H]`` prompt into a batch lives here: embeddings, attention
+mask, position ids, labels, the loss on target tokens, and the prompt's key/value cache.
+Transformers' cache API changes touch only this module.
+
+Two layouts, equivalent up to float rounding (tests/test_inputs.py proves it):
+
+* training / reference layout, per row ``[pad.. | BOS? | P prompt | tokens..]``: the prompt sits
+  immediately before the first real token (after BOS where the tokenizer adds one);
+* cached layout for generation, ``[BOS? | P prompt]`` (computed once, shared by every row)
+  followed by the left-padded tokens ``[pad.. | tokens..]``.
+
+Position ids always come from the attention mask, so pads never shift positions (GPT-2 has
+learned absolute positions; RoPE models see the same relative offsets).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PromptedBatch:
+    """Model inputs with the prompt merged in. ``L = P + T``."""
+
+    inputs_embeds: torch.Tensor  # [B, L, H]
+    attention_mask: torch.Tensor  # [B, L]
+    position_ids: torch.Tensor  # [B, L]
+    labels: torch.Tensor | None  # [B, L], IGNORE_INDEX on pads, prompt and input
+
+
+def positions_from_mask(attention_mask: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+    """``[B, L]`` mask -> ``[B, L]`` position ids: 0, 1, ... over real tokens, pads get 0."""
+    positions = attention_mask.long().cumsum(-1) - 1 + offset
+    return positions.clamp(min=0).masked_fill(attention_mask == 0, 0)
+
+
+def insert_prompt(token_embeds: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor,
+                  labels: torch.Tensor | None = None, bos_offset: int = 0) -> PromptedBatch:
+    """Splice the prompt into each left-padded row just before its first real token.
+
+    Args:
+        token_embeds: ``[B, T, H]`` embeddings of left-padded input ids.
+        attention_mask: ``[B, T]``, 0 on pads.
+        prompt: ``[P, H]`` soft prompt (any float dtype; cast to ``token_embeds.dtype``).
+        labels: ``[B, T]`` or None.
+        bos_offset: 1 if each row starts with a BOS token that must stay in front of the prompt.
+
+    Returns:
+        A :class:`PromptedBatch` of length ``P + T``.
+    """
+    bsz, seq_len, hidden = token_embeds.shape
+    num_virtual, prompt_hidden = prompt.shape
+    if prompt_hidden != hidden:
+        raise ValueError(f"prompt is [{num_virtual}, {prompt_hidden}] but embeddings are "
+                         f"[{bsz}, {seq_len}, {hidden}]: hidden sizes differ")
+    device = token_embeds.device
+    # First real token of each row (left padding), then where the prompt goes.
+    first = attention_mask.long().argmax(dim=-1)  # [B]
+    insert_at = (first + bos_offset).unsqueeze(1)  # [B, 1]
+    j = torch.arange(seq_len + num_virtual, device=device).unsqueeze(0)  # [1, P + T]
+    # Index into cat([tokens, prompt]) ([B, T + P]) for each output position.
+    index = torch.where(j < insert_at, j,
+                        torch.where(j < insert_at + num_virtual, seq_len + j - insert_at,
+                                    j - num_virtual))  # [B, P + T]
+    combined = torch.cat([token_embeds, prompt.to(token_embeds.dtype).expand(bsz, -1, -1)], 1)
+    embeds = combined.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden))  # [B, P + T, H]
+    ones = attention_mask.new_ones(bsz, num_virtual)
+    mask = torch.cat([attention_mask, ones], 1).gather(1, index)  # [B, P + T]
+    merged_labels = None
+    if labels is not None:
+        ignore = labels.new_full((bsz, num_virtual), IGNORE_INDEX)
+        merged_labels = torch.cat([labels, ignore], 1).gather(1, index)
+    return PromptedBatch(embeds, mask, positions_from_mask(mask), merged_labels)
+
+
+def embed(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` ids -> ``[B, T, H]`` input embeddings of the frozen model."""
+    return model.get_input_embeddings()(input_ids)
+
+
+def prompted_batch(model: PreTrainedModel, prompt: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                   bos_offset: int = 0) -> PromptedBatch:
+    """Embed left-padded ``input_ids`` ``[B, T]`` and splice in ``prompt`` ``[P, H]``."""
+    return insert_prompt(embed(model, input_ids), attention_mask, prompt, labels, bos_offset)
+
+
+def _has_plain_head(model: PreTrainedModel) -> bool:
+    """True when logits are exactly ``lm_head(last_hidden_state)`` (no scaling/soft-capping)."""
+    cfg = model.config
+    special = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale",
+               "logits_scaling")
+    return (model.base_model is not model and model.get_output_embeddings() is not None
+            and not any(getattr(cfg, name, None) not in (None, 1, 1.0) for name in special))
+
+
+def target_loss(model: PreTrainedModel, batch: PromptedBatch) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over target tokens, and their count.
+
+    Only the hidden states that predict a target token go through the vocabulary projection
+    (the largest single cost of a step): ``[N, H] -> [N, V]`` instead of ``[B, L, V]``.
+    Summing (not averaging) lets the caller normalise over a whole accumulated, possibly
+    distributed, batch so that micro-batching never changes the gradient.
+    """
+    assert batch.labels is not None
+    targets = batch.labels[:, 1:]  # token t+1 is predicted at position t
+    keep = targets != IGNORE_INDEX  # [B, L - 1]
+    count = int(keep.sum())
+    if _has_plain_head(model):
+        hidden = model.base_model(inputs_embeds=batch.inputs_embeds,
+                                  attention_mask=batch.attention_mask,
+                                  position_ids=batch.position_ids, use_cache=False)[0]
+        logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]
+    else:
+        logits = model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False).logits[:, :-1][keep]
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss, count
+
+
+def full_logits(model: PreTrainedModel, batch: PromptedBatch) -> torch.Tensor:
+    """``[B, L, V]`` logits of the merged batch (the reference path, no cache)."""
+    return model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, use_cache=False).logits
+
+
+# --- the prompt's key/value cache -------------------------------------------------------------
+
+_CACHE_ARG: dict[type, str] = {}
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    """transformers 5 calls it ``cache``, 4.x ``past_key_values``."""
+    cls = type(model)
+    if cls not in _CACHE_ARG:
+        params = inspect.signature(model.forward).parameters
+        _CACHE_ARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_ARG[cls]
+
+
+def _output_cache(outputs):
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else outputs.past_key_values
+
+
+@dataclass
+class PromptCache:
+    """The ``[BOS? | P]`` prefix's keys and values, computed once per prompt.
+
+    ``layers[i]`` is ``(keys, values)``, each ``[1, heads, C, head_dim]`` with ``C = length``.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+
+    def expand(self, batch_size: int) -> DynamicCache:
+        """A fresh cache for ``batch_size`` rows (generation appends to it in place)."""
+        return DynamicCache([(k.expand(batch_size, -1, -1, -1).contiguous(),
+                              v.expand(batch_size, -1, -1, -1).contiguous())
+                             for k, v in self.layers])
+
+
+def prefix_embeds(model: PreTrainedModel, prompt: torch.Tensor,
+                  bos_token_id: int | None) -> torch.Tensor:
+    """``[1, C, H]``: BOS embedding (if any) followed by the prompt ``[P, H]``."""
+    weight = model.get_input_embeddings().weight
+    parts = [prompt.to(device=weight.device, dtype=weight.dtype)]
+    if bos_token_id is not None:
+        parts.insert(0, embed(model, torch.tensor([bos_token_id], device=weight.device)))
+    return torch.cat(parts, 0).unsqueeze(0)
+
+
+@torch.no_grad()
+def build_prompt_cache(model: PreTrainedModel, prompt: torch.Tensor | None,
+                       bos_token_id: int | None = None) -> PromptCache | None:
+    """Run the prefix through the frozen model once and keep its keys/values.
+
+    Returns None when there is nothing to cache (no prompt and no BOS).
+    """
+    if prompt is None or prompt.shape[0] == 0:
+        if bos_token_id is None:
+            return None
+        prompt = model.get_input_embeddings().weight.new_zeros(0, model.config.hidden_size)
+    embeds = prefix_embeds(model, prompt, bos_token_id)  # [1, C, H]
+    length = embeds.shape[1]
+    mask = torch.ones(1, length, dtype=torch.long, device=embeds.device)
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask),
+                use_cache=True)
+    cache = _output_cache(out)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    return PromptCache(layers, length)
+
+
+def cached_forward(model: PreTrainedModel, cache: DynamicCache, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, position_ids: torch.Tensor):
+    """One forward of ``input_ids`` ``[B, S]`` on top of ``cache``.
+
+    ``attention_mask`` covers the cache and the new tokens: ``[B, cache_len + S]``.
+    Returns ``(last_logits [B, V], cache)``.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
+    return out.logits[:, -1], _output_cache(out)
+
+
+def first_positions(prefix_length: int, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, T]`` of left-padded tokens that follow a cached prefix."""
+    return positions_from_mask(attention_mask, offset=prefix_length)

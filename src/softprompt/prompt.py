@@ -1,0 +1,174 @@
+"""The soft prompt: a ``[P, H]`` float32 tensor and the JSON that describes it.
+
+Saved as ``prompt.safetensors`` (the tensor) and ``softprompt.json`` (model, task, template,
+P, init, training arguments, metrics, library versions). Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save
+
+from softprompt import atomic
+from softprompt.config import PromptInit
+from softprompt.errors import SoftPromptError
+
+PROMPT_FILE = "prompt.safetensors"
+CONFIG_FILE = "softprompt.json"
+TENSOR_KEY = "prompt_embeddings"
+FORMAT_VERSION = 1
+
+
+class SoftPrompt(torch.nn.Module):
+    """Holds the learned prompt. ``forward()`` returns it: ``[P, H]`` float32."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        super().__init__()
+        if embeddings.dim() != 2:
+            raise SoftPromptError(f"a soft prompt is [P, H]; got shape {list(embeddings.shape)}")
+        self.embeddings = torch.nn.Parameter(embeddings.detach().to(torch.float32).clone())
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embeddings.shape[1]
+
+    def forward(self) -> torch.Tensor:
+        return self.embeddings
+
+
+def init_prompt(embedding_table: torch.Tensor, num_virtual_tokens: int,
+                init: PromptInit | str = PromptInit.TEXT, init_token_ids: list[int] | None = None,
+                seed: int = 0) -> SoftPrompt:
+    """Build a prompt from the model's input embedding table ``[V, H]``.
+
+    Args:
+        embedding_table: the frozen input embeddings ``[V, H]``.
+        num_virtual_tokens: P.
+        init: ``text`` (embeddings of ``init_token_ids`` repeated or cut to P), ``vocab``
+            (P tokens sampled from the 5,000 lowest ids, seeded) or ``random`` (uniform,
+            scaled to the table's std).
+        init_token_ids: token ids of the init text (required for ``text``).
+        seed: seed for ``vocab`` and ``random``.
+    """
+    init = PromptInit(init)
+    table = embedding_table.detach().to(torch.float32)
+    vocab_size, _ = table.shape
+    gen = torch.Generator().manual_seed(seed)
+    if init is PromptInit.TEXT:
+        if not init_token_ids:
+            raise SoftPromptError("--init text needs a non-empty --init-text")
+        ids = torch.tensor(init_token_ids, dtype=torch.long)
+        reps = -(-num_virtual_tokens // len(ids))  # ceil
+        ids = ids.repeat(reps)[:num_virtual_tokens]
+        values = table[ids]
+    elif init is PromptInit.VOCAB:
+        ids = torch.randint(0, min(5000, vocab_size), (num_virtual_tokens,), generator=gen)
+        values = table[ids]
+    else:
+        # U(-a, a) has std a / sqrt(3); match the table's std.
+        bound = table.std().item() * 3**0.5
+        values = (torch.rand(num_virtual_tokens, table.shape[1], generator=gen) * 2 - 1) * bound
+    return SoftPrompt(values)
+
+
+@dataclass
+class PromptMeta:
+    """What ``softprompt.json`` holds besides the tensor."""
+
+    model: str
+    task: dict[str, Any]
+    num_virtual_tokens: int
+    hidden_size: int
+    init: str = "text"
+    train_args: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+def library_versions() -> dict[str, str]:
+    import transformers
+
+    import softprompt
+
+    return {"softprompt": softprompt.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def prompt_exists(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / PROMPT_FILE).exists() or (d / CONFIG_FILE).exists()
+
+
+def save_prompt(directory: str | Path, prompt: SoftPrompt | torch.Tensor, meta: PromptMeta) -> None:
+    """Write ``prompt.safetensors`` then ``softprompt.json``, each atomically."""
+    tensor = prompt.embeddings if isinstance(prompt, SoftPrompt) else prompt
+    tensor = tensor.detach().to("cpu", torch.float32).contiguous()
+    if list(tensor.shape) != [meta.num_virtual_tokens, meta.hidden_size]:
+        raise SoftPromptError(f"prompt shape {list(tensor.shape)} does not match its config "
+                              f"[{meta.num_virtual_tokens}, {meta.hidden_size}]")
+    meta.versions = meta.versions or library_versions()
+    directory = Path(directory)
+    atomic.write_bytes(directory / PROMPT_FILE, save({TENSOR_KEY: tensor}))
+    atomic.write_json(directory / CONFIG_FILE, meta.__dict__)
+
+
+def load_meta(directory: str | Path) -> PromptMeta:
+    """Read and validate ``softprompt.json``."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise SoftPromptError(f"{path} not found: --prompt must be a directory written by "
+                              f"`softprompt train`")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SoftPromptError(f"{path} is not valid JSON ({exc}); re-run training or restore "
+                              f"the file") from None
+    if not isinstance(raw, dict):
+        raise SoftPromptError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    required = {"model": str, "task": dict, "num_virtual_tokens": int, "hidden_size": int}
+    for key, kind in required.items():
+        if not isinstance(raw.get(key), kind):
+            raise SoftPromptError(f"{path}: field {key!r} must be a {kind.__name__}, "
+                                  f"got {raw.get(key)!r}")
+    known = set(PromptMeta.__dataclass_fields__)
+    return PromptMeta(**{k: v for k, v in raw.items() if k in known})
+
+
+def load_prompt_tensor(directory: str | Path) -> tuple[torch.Tensor, PromptMeta]:
+    """Load the ``[P, H]`` tensor and its meta, checking they agree."""
+    meta = load_meta(directory)
+    path = Path(directory) / PROMPT_FILE
+    if not path.is_file():
+        raise SoftPromptError(f"{path} not found beside {CONFIG_FILE}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise SoftPromptError(f"{path} is not a valid safetensors file ({exc})") from None
+    if TENSOR_KEY not in tensors:
+        raise SoftPromptError(f"{path} holds no {TENSOR_KEY!r} tensor")
+    tensor = tensors[TENSOR_KEY].to(torch.float32)
+    expected = [meta.num_virtual_tokens, meta.hidden_size]
+    if list(tensor.shape) != expected:
+        raise SoftPromptError(f"{path}: tensor shape {list(tensor.shape)} != {expected} in "
+                              f"{CONFIG_FILE}")
+    return tensor, meta
+
+
+def check_hidden_size(tensor: torch.Tensor, hidden_size: int, source: str) -> None:
+    """Refuse a prompt whose width does not match the model's embeddings."""
+    if tensor.shape[-1] != hidden_size:
+        raise SoftPromptError(
+            f"{source}: prompt hidden size {tensor.shape[-1]} does not match the model's "
+            f"{hidden_size}; use the --model the prompt was trained on"
+        )

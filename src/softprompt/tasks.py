@@ -1,0 +1,307 @@
+"""Task presets and custom templates; turning records into token ids.
+
+A task is declarative: an input template with ``{field}`` placeholders, the field holding the
+target(s), which field may be truncated, a stop string, metrics, and hand-written instructions
+for the hard-prompt baselines.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from softprompt.data import Record
+from softprompt.errors import SoftPromptError
+from softprompt.inputs import IGNORE_INDEX
+
+
+@dataclass
+class Task:
+    """A declarative task: how a record becomes (input text, target, references)."""
+
+    name: str
+    template: str  # input text with {field} placeholders, e.g. "{source}\nSummary:"
+    target_field: str  # field holding the target (a string, or a list whose first item trains)
+    truncate_field: str | None = None  # the field cut when the input is too long
+    stop: str | None = None  # generation also stops at this string (after leading whitespace)
+    metrics: list[str] = field(default_factory=lambda: ["token_overlap"])
+    primary_metric: str = "token_overlap"
+    instruction: str = ""  # the study's hand-written prompt (hard-prompt baseline)
+    better_instruction: str = ""  # a better hand-written prompt, also a baseline
+    max_new_tokens: int = 64
+    field_map: dict[str, str] = field(default_factory=dict)  # template name -> record path
+
+    def placeholders(self) -> list[str]:
+        return [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
+
+    def required_fields(self) -> list[str]:
+        return sorted(set(self.placeholders()) | {self.target_field})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Task:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SoftPromptError(f"unknown task keys {unknown}; allowed: {sorted(known)}")
+        for key in ("name", "template", "target_field"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                raise SoftPromptError(f"task needs a non-empty string {key!r}")
+        task = cls(**data)
+        validate_template(task.template)
+        return task
+
+
+def validate_template(template: str) -> None:
+    """Refuse templates that ``str.format`` cannot fill (unbalanced braces, ``{0}``, ``{}``)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise SoftPromptError(f"template {template!r} is malformed ({exc}); write fields as "
+                              f"{{name}} and literal braces as {{{{ }}}}") from None
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise SoftPromptError(f"template placeholder {{{name}}} must be a field name like "
+                                  f"{{source}}")
+        if spec or conv:
+            raise SoftPromptError(f"template placeholder {{{name}}} may not carry a format spec")
+
+
+def _preset(name: str, source_lang: str = "English", target_lang: str = "German") -> Task:
+    if name == "summarization":
+        return Task("summarization", "{source}\nSummary:", "target", truncate_field="source",
+                    stop=None, metrics=["rouge", "token_overlap"], primary_metric="rougeL",
+                    instruction="Summarize the following content:",
+                    better_instruction="Summarize the following dialogue in one sentence.",
+                    max_new_tokens=60)
+    if name == "qa":
+        return Task("qa", "Context: {context}\nQuestion: {question}\nAnswer:", "answers",
+                    truncate_field="context", stop="\n", metrics=["squad", "token_overlap"],
+                    primary_metric="f1", instruction="Answer the Following Question",
+                    better_instruction="Answer the question with a short phrase copied from "
+                                       "the context.",
+                    max_new_tokens=24)
+    if name == "translation":
+        return Task("translation", f"{source_lang}: {{source}}\n{target_lang}:", "target",
+                    truncate_field="source", stop="\n", metrics=["bleu", "token_overlap"],
+                    primary_metric="chrf",
+                    instruction=f"Translate the following sentence from {source_lang.lower()} "
+                                f"to {target_lang.lower()}:",
+                    better_instruction=f"Translate the {source_lang} sentence into "
+                                       f"{target_lang}.",
+                    max_new_tokens=64)
+    raise SoftPromptError(f"unknown task {name!r}; choose summarization, qa, translation, or "
+                          f"give --template and --target-field (or a task YAML file)")
+
+
+PRESETS = ("summarization", "qa", "translation")
+
+
+def get_task(name: str | None = None, *, template: str | None = None,
+             target_field: str | None = None, field_map: dict[str, str] | None = None,
+             source_lang: str = "English", target_lang: str = "German",
+             stop: str | None = None) -> Task:
+    """Resolve ``--task`` (a preset name or a YAML file) plus template/field overrides."""
+    if name and (name.endswith((".yaml", ".yml", ".json")) or Path(name).is_file()):
+        task = load_task_file(name)
+    elif name:
+        task = _preset(name, source_lang, target_lang)
+    elif template and target_field:
+        task = Task("custom", template, target_field)
+    else:
+        raise SoftPromptError("give --task (summarization, qa, translation, or a YAML file) or "
+                              "--template with --target-field")
+    if template:
+        validate_template(template)
+        task = replace(task, template=template,
+                       truncate_field=task.truncate_field if task.truncate_field in
+                       _names(template) else None)
+    if target_field:
+        task = replace(task, target_field=target_field)
+    if stop is not None:
+        task = replace(task, stop=stop or None)
+    if field_map:
+        task = replace(task, field_map={**task.field_map, **field_map})
+    return task
+
+
+def _names(template: str) -> list[str]:
+    return [n for _, n, _, _ in string.Formatter().parse(template) if n]
+
+
+def load_task_file(path: str) -> Task:
+    """A custom task from YAML/JSON: ``name``, ``template``, ``target_field`` and options."""
+    p = Path(path)
+    if not p.is_file():
+        raise SoftPromptError(f"{path}: task file not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml's errors have many types
+        raise SoftPromptError(f"{path}: cannot parse task file ({exc})") from None
+    if not isinstance(data, dict):
+        raise SoftPromptError(f"{path}: a task file must be a mapping with name, template, "
+                              f"target_field")
+    return Task.from_dict(data)
+
+
+def parse_field_map(items: list[str] | None) -> dict[str, str]:
+    """``["source=article", "answers=answers.text"]`` -> ``{"source": "article", ...}``."""
+    mapping = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SoftPromptError(f"--field {item!r} must look like NAME=RECORD_FIELD, e.g. "
+                                  f"source=article")
+        mapping[name.strip()] = path.strip()
+    return mapping
+
+
+# --- records -> examples ---------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One record, rendered: the input text, the training target and all references."""
+
+    id: str
+    fields: dict[str, str]  # template fields, as strings
+    target: str
+    references: list[str]
+
+
+def _lookup(record: dict, path: str) -> Any:
+    value: Any = record
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(path)
+        value = value[part]
+    return value
+
+
+def _origin(record: dict) -> str:
+    return getattr(record, "origin", "record")
+
+
+def make_example(task: Task, record: dict, index: int = 0) -> Example:
+    """Validate a record against the task and extract its fields."""
+    where = _origin(record)
+    values: dict[str, Any] = {}
+    for name in task.required_fields():
+        path = task.field_map.get(name, name)
+        try:
+            values[name] = _lookup(record, path)
+        except KeyError:
+            present = ", ".join(map(str, record)) or "none"
+            hint = "" if name == path else f" (mapped from --field {name}={path})"
+            raise SoftPromptError(f"{where}: missing field {path!r}{hint}; fields present: "
+                                  f"{present}") from None
+    fields: dict[str, str] = {}
+    for name in task.placeholders():
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise SoftPromptError(f"{where}: field {name!r} must be text, got "
+                                  f"{type(value).__name__}")
+        if isinstance(value, (int, float)):
+            raise SoftPromptError(f"{where}: field {name!r} must be text, got a number "
+                                  f"({value!r}); quote it in the data")
+        if not value.strip():
+            raise SoftPromptError(f"{where}: field {name!r} is empty")
+        fields[name] = value
+    target = values[task.target_field]
+    if isinstance(target, str):
+        references = [target]
+    elif isinstance(target, list):
+        references = target
+    else:
+        raise SoftPromptError(f"{where}: field {task.target_field!r} must be text or a list of "
+                              f"text, got {type(target).__name__}")
+    if not references or not all(isinstance(r, str) and r.strip() for r in references):
+        raise SoftPromptError(f"{where}: field {task.target_field!r} must hold non-empty text"
+                              f"{' (a list of strings)' if isinstance(target, list) else ''}")
+    ident = record.get("id", index)
+    return Example(str(ident), fields, references[0].strip(), [r.strip() for r in references])
+
+
+def make_examples(task: Task, records: list[dict]) -> list[Example]:
+    return [make_example(task, r, i) for i, r in enumerate(records)]
+
+
+def render_input(task: Task, example: Example, instruction: str = "",
+                 fields: dict[str, str] | None = None) -> str:
+    """The input text: ``instruction + "\\n"`` (hard prompts only) and the filled template."""
+    text = task.template.format(**(fields or example.fields))
+    return f"{instruction}\n{text}" if instruction else text
+
+
+# --- examples -> token ids --------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """Token ids of one example. ``input_ids`` starts with BOS where the tokenizer adds one."""
+
+    input_ids: list[int]
+    target_ids: list[int]  # target tokens + EOS (empty when encoding for generation)
+    truncated: bool = False
+
+    def ids_and_labels(self) -> tuple[list[int], list[int]]:
+        """Concatenated ids and labels (IGNORE_INDEX on the input)."""
+        ids = self.input_ids + self.target_ids
+        return ids, [IGNORE_INDEX] * len(self.input_ids) + self.target_ids
+
+
+def adds_bos(tokenizer) -> bool:
+    """Does ``tokenizer(text)`` put BOS first?"""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return bool(ids) and ids[0] == bos
+
+
+def encode_example(task: Task, example: Example, tokenizer, *, instruction: str = "",
+                   num_virtual_tokens: int = 0, max_length: int | None = None,
+                   with_target: bool = True) -> Encoded | None:
+    """Tokenize one example, cutting ``task.truncate_field`` (never the target) to fit.
+
+    The budget is ``max_length - num_virtual_tokens``. Returns None when even an empty source
+    leaves no room (the target alone is too long).
+    """
+    target_ids: list[int] = []
+    if with_target:
+        target_ids = tokenizer(" " + example.target, add_special_tokens=False).input_ids
+        target_ids.append(tokenizer.eos_token_id)
+    input_ids = tokenizer(render_input(task, example, instruction)).input_ids
+    if max_length is None:
+        return Encoded(input_ids, target_ids)
+    budget = max_length - num_virtual_tokens - len(target_ids)
+    if len(input_ids) <= budget:
+        return Encoded(input_ids, target_ids)
+    name = task.truncate_field
+    if name is None or name not in example.fields:
+        return None
+    # Cut the field's tokens by the overflow, re-render, and repeat while tokenization at the
+    # cut still leaves the input too long.
+    field_ids = tokenizer(example.fields[name], add_special_tokens=False).input_ids
+    keep = len(field_ids) - (len(input_ids) - budget)
+    while keep > 0:
+        text = tokenizer.decode(field_ids[:keep]).rstrip()
+        input_ids = tokenizer(render_input(task, example, instruction,
+                                           {**example.fields, name: text})).input_ids
+        if len(input_ids) <= budget:
+            return Encoded(input_ids, target_ids, truncated=True)
+        keep -= max(1, len(input_ids) - budget)
+    return None

@@ -1,0 +1,102 @@
+"""Parity tests for the one module that merges the prompt with inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from softprompt.batching import collate
+from softprompt.generation import generate, generate_reference
+from softprompt.config import GenerationConfig
+from softprompt.inputs import (IGNORE_INDEX, build_prompt_cache, full_logits, insert_prompt,
+                               positions_from_mask, prompted_batch, target_loss)
+from softprompt.tasks import adds_bos
+
+TEXTS = ["A dog runs on the beach.", "Two children play football in a park near the river.",
+         "Rain."]
+
+
+def _prompt(model, p=5, seed=1):
+    h = model.config.hidden_size
+    return torch.randn(p, h, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
+def test_insert_prompt_places_prompt_before_first_real_token():
+    # 2 rows, T=4, H=1; row 0 has 2 pads, row 1 none. Token embeds = their ids.
+    ids = torch.tensor([[0, 0, 7, 8], [5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    prompt = torch.tensor([[-1.0], [-2.0]])
+    b = insert_prompt(ids.unsqueeze(-1).float(), mask, prompt, labels=ids.clone())
+    assert b.inputs_embeds[..., 0].tolist() == [[0, 0, -1, -2, 7, 8], [-1, -2, 5, 6, 7, 8]]
+    assert b.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    assert b.position_ids.tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
+    assert b.labels.tolist() == [[0, 0, IGNORE_INDEX, IGNORE_INDEX, 7, 8],
+                                 [IGNORE_INDEX, IGNORE_INDEX, 5, 6, 7, 8]]
+    # With BOS the prompt goes after it.
+    b = insert_prompt(ids.unsqueeze(-1).float(), mask, prompt, bos_offset=1)
+    assert b.inputs_embeds[..., 0].tolist() == [[0, 0, 7, -1, -2, 8], [5, -1, -2, 6, 7, 8]]
+
+
+def test_positions_from_mask_with_offset():
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert positions_from_mask(mask, offset=3).tolist() == [[0, 3, 4], [3, 4, 5]]
+
+
+def test_left_padded_batch_matches_each_row_alone(tiny):
+    model, tok, _ = tiny
+    prompt = _prompt(model)
+    bos = int(adds_bos(tok))
+    rows = [(tok(t).input_ids, tok(t).input_ids) for t in TEXTS]
+    batch = collate(rows, tok.pad_token_id)
+    merged = prompted_batch(model, prompt, batch["input_ids"], batch["attention_mask"],
+                            bos_offset=bos)
+    batched = full_logits(model, merged)[:, -1]  # [B, V]
+    for i, (ids, _) in enumerate(rows):
+        one = torch.tensor([ids])
+        alone = full_logits(model, prompted_batch(model, prompt, one, torch.ones_like(one),
+                                                  bos_offset=bos))[0, -1]
+        torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_target_loss_equals_full_logits_loss(tiny):
+    model, tok, _ = tiny
+    prompt = _prompt(model)
+    rows = []
+    for t in TEXTS:
+        ids = tok(t).input_ids
+        target = tok(" target words", add_special_tokens=False).input_ids + [tok.eos_token_id]
+        rows.append((ids + target, [IGNORE_INDEX] * len(ids) + target))
+    batch = collate(rows, tok.pad_token_id)
+    merged = prompted_batch(model, prompt, batch["input_ids"], batch["attention_mask"],
+                            batch["labels"], int(adds_bos(tok)))
+    loss_sum, count = target_loss(model, merged)
+    logits = full_logits(model, merged)[:, :-1]
+    labels = merged.labels[:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels.reshape(-1), reduction="sum")
+    assert count == sum(len(tok(" target words", add_special_tokens=False).input_ids) + 1
+                        for _ in TEXTS)
+    torch.testing.assert_close(loss_sum, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_cached_generation_equals_uncached_token_for_token(tiny):
+    model, tok, _ = tiny
+    prompt = _prompt(model, p=4, seed=3)
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=3)
+    fast = generate(model, tok, TEXTS, prompt, cfg)
+    for text, out in zip(TEXTS, fast):
+        ref = tok.decode(generate_reference(model, tok, text, prompt, 12),
+                         skip_special_tokens=True).strip()
+        assert out == ref
+
+
+def test_prompt_cache_is_computed_once_and_has_prefix_length(tiny):
+    model, tok, _ = tiny
+    prompt = _prompt(model, p=6)
+    bos = tok.bos_token_id if adds_bos(tok) else None
+    cache = build_prompt_cache(model, prompt, bos)
+    assert cache.length == 6 + (bos is not None)
+    assert len(cache.layers) == model.config.num_hidden_layers
+    k, v = cache.layers[0]
+    assert k.shape[0] == 1 and k.shape[2] == cache.length
+    expanded = cache.expand(3)
+    assert expanded.get_seq_length() == cache.length
