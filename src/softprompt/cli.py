@@ -13,6 +13,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from softprompt.config import GenerationConfig, PromptConfig, PromptInit, TrainConfig
@@ -114,6 +115,102 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from softprompt import models
+    from softprompt.data import read_records
+    from softprompt.evaluate import System, evaluate, write_eval
+    from softprompt.prompt import check_hidden_size, load_prompt_tensor
+    from softprompt.tasks import Task
+
+    chosen = [args.prompt is not None, args.hard is not None, args.no_instruction]
+    if sum(chosen) != 1:
+        raise SoftPromptError("give exactly one of --prompt DIR, --hard TEXT, --no-instruction")
+    out = Path(args.output)
+    if (out / "metrics.json").exists() and not args.overwrite:
+        raise SoftPromptError(f"{out} already holds metrics.json; pass --overwrite to replace it")
+    prompt, model_name = None, args.model or models.DEFAULT_MODEL
+    if args.prompt is not None:
+        prompt, meta = load_prompt_tensor(args.prompt)
+        model_name = args.model or meta.model
+        task = _task(args) if args.task or args.template else Task.from_dict(meta.task)
+        system = System("soft prompt", prompt)
+    else:
+        task = _task(args)
+        system = (System("hard", instruction=args.hard) if args.hard is not None
+                  else System("no instruction"))
+    records = read_records(args.test, args.split, limit=args.limit)
+    model, tokenizer = models.load_model(model_name)
+    if prompt is not None:
+        check_hidden_size(prompt, model.config.hidden_size, args.prompt)
+    options = _pick(args, GenerationConfig)
+    options["max_new_tokens"] = args.max_new_tokens or task.max_new_tokens
+    result = evaluate(model, tokenizer, task, records, system,
+                      generation=GenerationConfig(**options), max_length=args.max_length,
+                      progress=not args.quiet)
+    write_eval(out, result)
+    print(json.dumps(result.metrics, indent=1))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from softprompt.compare import compare, summary
+
+    options = _pick(args, GenerationConfig)
+    task = _task(args)
+    options["max_new_tokens"] = args.max_new_tokens or task.max_new_tokens
+    model_names = [m.strip() for m in args.models.split(",") if m.strip()]
+    comparisons = compare(task, args.train, args.test, args.output,
+                          validation_path=args.validation, prompt_dir=args.prompt,
+                          hard=args.hard, model_names=model_names, limit=args.limit,
+                          val_limit=args.val_limit, generation=GenerationConfig(**options),
+                          prompt_config=PromptConfig(**_pick(args, PromptConfig)),
+                          train_config=TrainConfig(**_pick(args, TrainConfig)),
+                          overwrite=args.overwrite, progress=not args.quiet)
+    print(summary(comparisons))
+    print(f"\nreport: {Path(args.output) / 'report.md'}")
+    return 0
+
+
+def _evaluate_parser(p: argparse.ArgumentParser) -> None:
+    _add_task_args(p)
+    p.add_argument("--prompt", help="a trained prompt directory (soft prompt system)")
+    p.add_argument("--hard", help="a hand-written instruction put before each input")
+    p.add_argument("--no-instruction", action="store_true", help="the plain template alone")
+    p.add_argument("--test", required=True, help="test data: .jsonl, .json, .csv or hf:NAME")
+    p.add_argument("--split", default=None, help="split of an hf: dataset")
+    p.add_argument("--output", required=True, help="output directory")
+    p.add_argument("--model", default=None, help="model (default: the prompt's, or "
+                   f"{DEFAULT_MODEL})")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
+    p.add_argument("--max-length", type=int, default=1024, help="input tokens kept per example")
+    p.add_argument("--overwrite", action="store_true", help="replace results in --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_dataclass(p, GenerationConfig)
+    p.set_defaults(max_new_tokens=None)
+
+
+def _compare_parser(p: argparse.ArgumentParser) -> None:
+    _add_task_args(p)
+    p.add_argument("--train", help="training data for the soft prompt")
+    p.add_argument("--validation", help="validation data (early stopping, metric per epoch)")
+    p.add_argument("--test", required=True, help="test data")
+    p.add_argument("--output", required=True, help="output directory for the report")
+    p.add_argument("--prompt", help="use this trained prompt instead of training one")
+    p.add_argument("--hard", action="append", help="an extra hand-written instruction; "
+                   "repeatable (the study's and our own are always included)")
+    p.add_argument("--models", default=DEFAULT_MODEL,
+                   help="comma-separated models; several give a metric-vs-size plot")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N test records")
+    p.add_argument("--val-limit", type=int, default=20,
+                   help="validation records generated for the per-epoch metric (0: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace results in --output")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_dataclass(p, PromptConfig)
+    _add_dataclass(p, TrainConfig)
+    _add_dataclass(p, GenerationConfig, skip=("seed", "batch_size"))
+    p.set_defaults(max_new_tokens=None)
+
+
 def _train_parser(p: argparse.ArgumentParser) -> None:
     _add_task_args(p)
     p.add_argument("--train", required=True, help="training data: .jsonl, .json, .csv or hf:NAME")
@@ -142,6 +239,8 @@ def _generate_parser(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (_train_parser, cmd_train, "train a soft prompt"),
     "generate": (_generate_parser, cmd_generate, "generate with a trained prompt"),
+    "evaluate": (_evaluate_parser, cmd_evaluate, "score a soft or hard prompt on a test set"),
+    "compare": (_compare_parser, cmd_compare, "soft vs hard prompts, with a report"),
 }
 
 

@@ -44,14 +44,16 @@ def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig,
 
 
 @torch.no_grad()
-def generate(model, tokenizer, texts: list[str], prompt: torch.Tensor | None = None,
+def generate(model, tokenizer, texts: list[str] | list[list[int]],
+             prompt: torch.Tensor | None = None,
              config: GenerationConfig | None = None, stop: str | None = None,
              progress: bool = False) -> list[str]:
     """Generate a continuation for each input text behind the soft prompt.
 
     Args:
         model, tokenizer: frozen model and tokenizer.
-        texts: input texts (already rendered with the task template).
+        texts: input texts (already rendered with the task template), or their token ids
+            (as the tokenizer gives them, BOS included where it adds one).
         prompt: ``[P, H]`` soft prompt, or None for the plain model (hard prompts).
         config: decoding settings.
         stop: stop string (besides EOS), e.g. ``"\\n"``.
@@ -62,7 +64,7 @@ def generate(model, tokenizer, texts: list[str], prompt: torch.Tensor | None = N
     cfg = config or GenerationConfig()
     device = model.device
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
-    encoded = [tokenizer(t).input_ids for t in texts]
+    encoded = [tokenizer(t).input_ids if isinstance(t, str) else list(t) for t in texts]
     if bos is not None:  # BOS moves into the cached prefix, before the prompt
         encoded = [ids[1:] if ids and ids[0] == bos else ids for ids in encoded]
     for i, ids in enumerate(encoded):

@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,12 @@ def _enable_checkpointing(model) -> None:
     transformers only checkpoints layers whose ``training`` flag is set, so we set it on the
     decoder layers alone; their attention/MLP/dropout children stay in eval mode.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers 5 renamed it (the old name warns on stderr); 4.x has only the old one.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     for module in model.modules():
@@ -118,7 +124,9 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
 def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: str | Path, *,
           validation_records: list[dict] | None = None, prompt_config: PromptConfig | None = None,
           train_config: TrainConfig | None = None, model_name: str = "?",
-          overwrite: bool = False, resume: bool = False, progress: bool = True) -> TrainResult:
+          overwrite: bool = False, resume: bool = False, progress: bool = True,
+          on_epoch_end: Callable[[int, torch.Tensor], dict[str, Any]] | None = None,
+          ) -> TrainResult:
     """Train a soft prompt for ``task`` and save the best one to ``output_dir``.
 
     Args:
@@ -129,6 +137,8 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
             ``checkpoint-<step>/`` go.
         overwrite: replace a prompt already in ``output_dir``.
         resume: continue from the newest good checkpoint in ``output_dir``.
+        on_epoch_end: called on the main process as ``f(epoch, prompt [P, H])`` after each
+            epoch; the metrics it returns are added to that epoch's log record.
     """
     pcfg = prompt_config or PromptConfig()
     cfg = train_config or TrainConfig()
@@ -138,6 +148,8 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
     device = model.device
 
     # 1. Validate everything before touching the output directory: bad input loses nothing.
+    if out.exists() and not out.is_dir():
+        raise SoftPromptError(f"--output {out} is a file; give a directory")
     if prompt_exists(out) and not (overwrite or resume):
         raise SoftPromptError(f"{out} already holds a prompt; pass --overwrite to replace it or "
                               f"--resume to continue training")
@@ -148,11 +160,14 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
     if validation_records:
         val_data = encode_dataset(task, validation_records[: cfg.max_eval_examples], tokenizer,
                                   pcfg.num_virtual_tokens, cfg.max_length, "validation")
+    # Without a truncate_field nothing is cut: an input too long is skipped whole.
+    why = "target too long" if task.truncate_field else "too long; the task cuts no field"
     for name, data in (("training", train_data), ("validation", val_data)):
         if data and main and (data.truncated or data.skipped):
             print(f"{name}: {data.truncated} of {len(data.rows) + data.skipped} examples had "
-                  f"their {task.truncate_field} truncated to fit --max-length {cfg.max_length}"
-                  + (f"; {data.skipped} skipped (target too long)" if data.skipped else ""),
+                  f"their {task.truncate_field or 'input'} truncated to fit --max-length "
+                  f"{cfg.max_length}" + (f"; {data.skipped} skipped ({why})" if data.skipped
+                                         else ""),
                   file=sys.stderr)
     embeddings = model.get_input_embeddings().weight
     init_ids = None
@@ -311,10 +326,12 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
                 best_prompt = soft.embeddings.detach().clone()
             else:
                 best["bad_epochs"] += 1
-                best["stopped"] = best["bad_epochs"] > cfg.patience
+                best["stopped"] = best["bad_epochs"] >= cfg.patience
         else:
             best.update(step=global_step, epoch=epoch + 1)
             best_prompt = soft.embeddings.detach().clone()
+        if on_epoch_end is not None and main:
+            record.update(on_epoch_end(epoch + 1, soft.embeddings.detach()))
         log.append(record)
         if main:
             bar.write(" ".join(f"{k}={v}" for k, v in record.items() if k != "event"),

@@ -1,0 +1,104 @@
+"""Soft prompt vs hard prompts on one test set, for one or several base models.
+
+For each model: train the soft prompt (or take ``--prompt``), evaluate it and every baseline
+through the same pipeline, then write ``report.md`` / ``report.html`` with plots.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from softprompt import atomic, models
+from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
+from softprompt.data import read_records
+from softprompt.errors import SoftPromptError
+from softprompt.evaluate import System, baselines, evaluate, write_eval
+from softprompt.prompt import check_hidden_size, load_prompt_tensor
+from softprompt.report import ModelComparison, markdown_table, metrics_table, write_report
+from softprompt.tasks import Task, make_examples
+from softprompt.train import train
+
+SOFT = "soft prompt"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def compare(task: Task, train_path: str | None, test_path: str, output: str | Path, *,
+            validation_path: str | None = None, prompt_dir: str | None = None,
+            hard: list[str] | None = None, model_names: list[str] | None = None,
+            limit: int | None = None, val_limit: int = 20,
+            generation: GenerationConfig | None = None,
+            prompt_config: PromptConfig | None = None, train_config: TrainConfig | None = None,
+            overwrite: bool = False, progress: bool = True) -> list[ModelComparison]:
+    """Train (or load) a soft prompt per model and compare it with hard-prompt baselines."""
+    out = Path(output)
+    if (out / "report.md").exists() and not overwrite:
+        raise SoftPromptError(f"{out} already holds a report; pass --overwrite to replace it")
+    if prompt_dir is None and train_path is None:
+        raise SoftPromptError("give --train PATH to train a soft prompt, or --prompt DIR")
+    model_names = model_names or [models.DEFAULT_MODEL]
+    if prompt_dir is not None and len(model_names) > 1:
+        raise SoftPromptError("--prompt fits one model; drop --models or --prompt")
+    # Read and validate every dataset before any slow work.
+    test_records = read_records(test_path, limit=limit)
+    make_examples(task, test_records)
+    train_records = read_records(train_path) if train_path else None
+    val_records = read_records(validation_path) if validation_path else None
+    for records in (train_records or [], val_records or []):
+        make_examples(task, records)
+    gen = generation or GenerationConfig(max_new_tokens=task.max_new_tokens)
+    tcfg = train_config or TrainConfig()
+    comparisons = []
+    for name in model_names:
+        model, tokenizer = models.load_model(name)
+        model_out = out / slug(name) if len(model_names) > 1 else out
+        log: list[dict[str, Any]] = []
+        train_seconds = None
+        if prompt_dir is not None:
+            prompt, _ = load_prompt_tensor(prompt_dir)
+            check_hidden_size(prompt, model.config.hidden_size, prompt_dir)
+        else:
+            def val_metric(epoch: int, tensor) -> dict[str, float]:
+                res = evaluate(model, tokenizer, task, val_records[:val_limit],
+                               System(SOFT, tensor), generation=gen, max_length=tcfg.max_length)
+                return {f"val_{task.primary_metric}": res.metrics[task.primary_metric]}
+
+            result = train(model, tokenizer, task, train_records, model_out / "prompt",
+                           validation_records=val_records, prompt_config=prompt_config,
+                           train_config=tcfg, model_name=name, overwrite=overwrite,
+                           progress=progress,
+                           on_epoch_end=val_metric if val_records and val_limit else None)
+            prompt, log = result.prompt, result.log
+            train_seconds = result.meta.metrics.get("train_seconds")
+        systems = [System(SOFT, prompt)] + baselines(task, hard)
+        metrics: dict[str, dict[str, float]] = {}
+        predictions: dict[str, list[dict[str, Any]]] = {}
+        for system in systems:
+            if progress:
+                print(f"evaluating {system.name} on {len(test_records)} examples ({name})",
+                      file=sys.stderr)
+            res = evaluate(model, tokenizer, task, test_records, system, generation=gen,
+                           max_length=tcfg.max_length, progress=progress)
+            write_eval(model_out / "systems" / slug(system.name), res)
+            metrics[system.name] = res.metrics
+            predictions[system.name] = res.predictions
+        comparisons.append(ModelComparison(name, models.num_parameters(model), metrics,
+                                           predictions, log, train_seconds))
+    write_report(out, task.name, comparisons, task.primary_metric)
+    atomic.write_json(out / "comparison.json",
+                      {"task": task.name, "primary_metric": task.primary_metric,
+                       "models": [{"model": c.model, "num_parameters": c.num_parameters,
+                                   "train_seconds": c.train_seconds, "systems": c.systems}
+                                  for c in comparisons]})
+    return comparisons
+
+
+def summary(comparisons: list[ModelComparison]) -> str:
+    """The comparison tables as Markdown, for the terminal."""
+    return "\n\n".join(f"{c.model}\n{markdown_table(metrics_table(c.systems))}"
+                       for c in comparisons)

@@ -1,0 +1,148 @@
+"""Run a system (soft prompt, hard prompt, or no instruction) over a test set.
+
+Every system goes through the same pipeline: same model, template, truncation, decoding and
+metrics; the only difference is what stands in front of the input, learned embeddings or an
+instruction line. Output: ``predictions.jsonl`` and a flat ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from softprompt import atomic
+from softprompt.batching import collate
+from softprompt.config import GenerationConfig
+from softprompt.errors import SoftPromptError
+from softprompt.generation import generate
+from softprompt.inputs import prompted_batch, target_loss
+from softprompt.metrics import compute_metrics, example_scores
+from softprompt.tasks import Example, Task, adds_bos, encode_example, make_examples, render_input
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class System:
+    """What stands in front of each input: a soft prompt ``[P, H]`` or an instruction."""
+
+    name: str
+    prompt: torch.Tensor | None = None
+    instruction: str = ""
+
+    @property
+    def kind(self) -> str:
+        if self.prompt is not None:
+            return "soft"
+        return "hard" if self.instruction else "none"
+
+
+@dataclass
+class EvalResult:
+    system: System
+    metrics: dict[str, float]
+    predictions: list[dict[str, Any]]
+
+
+def baselines(task: Task, extra: list[str] | None = None,
+              no_instruction: bool = True) -> list[System]:
+    """The hard-prompt systems: the study's prompt, a better hand-written one, the user's,
+    and no instruction at all."""
+    systems = []
+    if task.instruction:
+        systems.append(System("hard: study", instruction=task.instruction))
+    if task.better_instruction:
+        systems.append(System("hard: ours", instruction=task.better_instruction))
+    for i, text in enumerate(extra or [], start=1):
+        systems.append(System(f"hard: user {i}" if len(extra) > 1 else "hard: user",
+                              instruction=text))
+    if no_instruction:
+        systems.append(System("no instruction"))
+    return systems
+
+
+def _encode(task: Task, examples: list[Example], tokenizer, system: System, max_length: int,
+            with_target: bool, reserve: int = 0):
+    """Token ids per example (the truncate field cut to fit), or an error if one cannot fit."""
+    p = system.prompt.shape[0] if system.prompt is not None else 0
+    encoded = []
+    for ex in examples:
+        enc = encode_example(task, ex, tokenizer, instruction=system.instruction,
+                             num_virtual_tokens=p + reserve, max_length=max_length,
+                             with_target=with_target)
+        if enc is None:
+            raise SoftPromptError(f"example {ex.id}: does not fit in --max-length {max_length}; "
+                                  f"raise it")
+        encoded.append(enc)
+    return encoded
+
+
+@torch.no_grad()
+def target_token_loss(model, tokenizer, task: Task, examples: list[Example], system: System,
+                      max_length: int, batch_size: int) -> float:
+    """Mean cross-entropy of the reference targets (teacher-forced) behind the system."""
+    encoded = _encode(task, examples, tokenizer, system, max_length, with_target=True)
+    prompt = system.prompt
+    if prompt is None:
+        prompt = model.get_input_embeddings().weight.new_zeros(0, model.config.hidden_size)
+    total, count = 0.0, 0
+    rows = [e.ids_and_labels() for e in encoded]
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i:i + batch_size], tokenizer.pad_token_id, model.device)
+        merged = prompted_batch(model, prompt.to(model.device), batch["input_ids"],
+                                batch["attention_mask"], batch["labels"],
+                                int(adds_bos(tokenizer)))
+        loss_sum, n = target_loss(model, merged)
+        total += loss_sum.item()
+        count += n
+    return total / max(1, count)
+
+
+def evaluate(model, tokenizer, task: Task, records: list[dict], system: System, *,
+             generation: GenerationConfig | None = None, max_length: int = 1024,
+             limit: int | None = None, progress: bool = False) -> EvalResult:
+    """Generate for every record and score against its references.
+
+    Returns metrics on a 0-100 scale (``loss`` and ``perplexity`` aside) plus ``n``,
+    ``empty_rate`` (share of empty predictions), ``seconds`` and ``examples_per_s``.
+    """
+    gen = generation or GenerationConfig(max_new_tokens=task.max_new_tokens)
+    examples = make_examples(task, records[:limit] if limit else records)
+    inputs = _encode(task, examples, tokenizer, system, max_length, with_target=False,
+                     reserve=gen.max_new_tokens)
+    prompt = system.prompt.to(model.device) if system.prompt is not None else None
+    start = time.perf_counter()
+    outputs = generate(model, tokenizer, [e.input_ids for e in inputs], prompt, gen,
+                       stop=task.stop, progress=progress)
+    seconds = time.perf_counter() - start
+    references = [ex.references for ex in examples]
+    metrics: dict[str, float] = compute_metrics(task.metrics, outputs, references)
+    loss = target_token_loss(model, tokenizer, task, examples, system, max_length,
+                             gen.batch_size)
+    metrics.update(loss=loss, perplexity=math.exp(min(loss, 50)), n=len(examples),
+                   empty_rate=100.0 * sum(not o for o in outputs) / len(outputs),
+                   seconds=round(seconds, 3), examples_per_s=round(len(outputs) / seconds, 3))
+    rows = []
+    for ex, enc, out in zip(examples, inputs, outputs):
+        rows.append({"id": ex.id, "system": system.name,
+                     "input": render_input(task, ex, system.instruction),
+                     "truncated": enc.truncated, "prediction": out,
+                     "references": ex.references,
+                     "scores": example_scores(task.metrics, out, ex.references)})
+    return EvalResult(system, {k: _round(v) for k, v in metrics.items()}, rows)
+
+
+def _round(value: float) -> float:
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def write_eval(output_dir: str | Path, result: EvalResult) -> None:
+    out = Path(output_dir)
+    atomic.write_jsonl(out / PREDICTIONS_FILE, result.predictions)
+    atomic.write_json(out / METRICS_FILE, {"system": result.system.name, **result.metrics})
