@@ -1,15 +1,37 @@
-"""softprompt: soft prompt tuning on frozen causal language models."""
+"""softprompt: soft prompt tuning on frozen causal language models.
+
+The public names are imported on first use, so ``softprompt --help`` and input errors answer
+without loading torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from softprompt.api import PromptedModel, generate, load_prompt, train  # noqa: E402
-from softprompt.config import GenerationConfig, PromptConfig, PromptInit, TrainConfig  # noqa: E402
-from softprompt.data import read_records  # noqa: E402
-from softprompt.errors import SoftPromptError  # noqa: E402
-from softprompt.models import load_model  # noqa: E402
-from softprompt.prompt import SoftPrompt, load_prompt_tensor  # noqa: E402
-from softprompt.tasks import Task, get_task  # noqa: E402
+_EXPORTS = {
+    "PromptedModel": "softprompt.api", "generate": "softprompt.api",
+    "load_prompt": "softprompt.api", "train": "softprompt.api",
+    "GenerationConfig": "softprompt.config", "PromptConfig": "softprompt.config",
+    "PromptInit": "softprompt.config", "TrainConfig": "softprompt.config",
+    "read_records": "softprompt.data", "SoftPromptError": "softprompt.errors",
+    "load_model": "softprompt.models", "SoftPrompt": "softprompt.prompt",
+    "load_prompt_tensor": "softprompt.prompt", "Task": "softprompt.tasks",
+    "get_task": "softprompt.tasks",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["PromptedModel", "generate", "load_prompt", "train", "GenerationConfig",
-           "PromptConfig", "PromptInit", "TrainConfig", "read_records", "SoftPromptError",
-           "load_model", "SoftPrompt", "load_prompt_tensor", "Task", "get_task", "__version__"]
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'softprompt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -19,7 +19,7 @@ from softprompt import generation, models
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
 from softprompt.data import read_records
 from softprompt.errors import SoftPromptError
-from softprompt.prompt import check_hidden_size, load_prompt_tensor
+from softprompt.prompt import check_hidden_size, load_prompt_tensor, prompt_exists
 from softprompt.tasks import Task, get_task, make_example, render_input
 from softprompt.train import TrainResult
 from softprompt.train import train as _train
@@ -51,10 +51,13 @@ def train(task: str | Task, train: str | Path, output: str | Path, *,
     task_obj = task if isinstance(task, Task) else get_task(task)
     train_records = read_records(train, split)
     val_records = read_records(validation, validation_split or "validation") if validation else None
-    # Validate the data against the task before the (slow) model load.
+    # Validate the data and the output directory before the (slow) model load.
     for records in (train_records, val_records or []):
         for i, rec in enumerate(records):
             make_example(task_obj, rec, i)
+    if prompt_exists(output) and not (overwrite or resume):
+        raise SoftPromptError(f"{output} already holds a prompt; pass --overwrite to replace it "
+                              f"or --resume to continue training")
     lm, tokenizer = loaded or models.load_model(model, device=_device())
     return _train(lm, tokenizer, task_obj, train_records, output,
                   validation_records=val_records, prompt_config=pcfg, train_config=tcfg,
@@ -62,9 +65,9 @@ def train(task: str | Task, train: str | Path, output: str | Path, *,
 
 
 def _device() -> torch.device:
-    from accelerate import PartialState
+    from softprompt.train import distributed_state
 
-    return PartialState().device
+    return distributed_state().device
 
 
 @dataclass
@@ -80,7 +83,7 @@ class PromptedModel:
     def render(self, item: str | dict) -> str:
         """A raw text (for one-field templates) or a record -> the templated input text."""
         if isinstance(item, dict):
-            return render_input(self.task, make_example(self.task, item))
+            return render_input(self.task, make_example(self.task, item, with_target=False))
         names = self.task.placeholders()
         if len(names) != 1:
             raise SoftPromptError(f"task {self.task.name!r} needs fields {names}; pass a record "

@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from softprompt.faults import crash_point
+
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
@@ -33,6 +35,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("write")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -72,6 +75,7 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
             if child.is_file():
                 with open(child, "rb") as f:
                     os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
         try:
             os.rename(tmp, final)
         except OSError:

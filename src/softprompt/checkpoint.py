@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from softprompt import atomic
+from softprompt.faults import crash_point
 
 PREFIX = "checkpoint-"
 STATE_FILE = "state.json"
@@ -55,6 +56,7 @@ def save(output_dir: Path, step: int, tensors: dict[str, torch.Tensor],
     with atomic.staged_dir(final) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(tmp / TENSORS_FILE))
+        crash_point("checkpoint")
         meta = {"step": step, "state": state, "sha256": {TENSORS_FILE: _sha256(tmp / TENSORS_FILE)}}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return final

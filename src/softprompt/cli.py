@@ -16,9 +16,9 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from softprompt.config import GenerationConfig, PromptConfig, PromptInit, TrainConfig
+from softprompt.config import (DEFAULT_MODEL, GenerationConfig, PromptConfig, PromptInit,
+                               TrainConfig)
 from softprompt.errors import SoftPromptError
-from softprompt.models import DEFAULT_MODEL
 
 
 def _add_dataclass(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -77,13 +77,17 @@ def _task(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    task = _task(args)  # a bad task answers before torch is imported
     from softprompt import api
 
-    result = api.train(_task(args), args.train, args.output, validation=args.validation,
+    result = api.train(task, args.train, args.output, validation=args.validation,
                        model=args.model, split=args.split, overwrite=args.overwrite,
                        resume=args.resume, progress=not args.quiet,
                        **_pick(args, PromptConfig), **_pick(args, TrainConfig))
-    print(f"saved prompt to {args.output} ({json.dumps(result.meta.metrics)})")
+    from softprompt.train import distributed_state
+
+    if distributed_state().is_main_process:
+        print(f"saved prompt to {args.output} ({json.dumps(result.meta.metrics)})")
     return 0
 
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field, fields
 from softprompt.errors import SoftPromptError
 
 
+DEFAULT_MODEL = "smollm2-135m"  # the bundled SmolLM2-135M-Instruct (see models.py)
+
+
 class PromptInit(str, enum.Enum):
     """How the soft prompt's ``[P, H]`` tensor starts out."""
 

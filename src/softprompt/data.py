@@ -14,6 +14,7 @@ from typing import Any
 from softprompt.errors import SoftPromptError
 
 HF_PREFIX = "hf:"
+MAX_RECORD_CHARS = 1 << 20  # 1M characters (~250k tokens): far beyond any model's context
 
 
 class Record(dict):
@@ -43,6 +44,7 @@ def _read_jsonl(path: Path) -> list[Record]:
     for number, line in enumerate(io.StringIO(_decode(path)), start=1):
         if not line.strip():
             continue
+        _check_size(path, number, len(line))
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -70,18 +72,34 @@ def _read_json(path: Path) -> list[Record]:
     return [_record(row, f"{path}:item {i}") for i, row in enumerate(data)]
 
 
+def _check_size(path: Path, number: int, size: int) -> None:
+    if size > MAX_RECORD_CHARS:
+        raise SoftPromptError(f"{path}:{number}: record is {size / 1e6:.1f}M characters, over "
+                              f"the {MAX_RECORD_CHARS / 1e6:.1f}M limit; cut the text first "
+                              f"(only --max-length tokens are used anyway)")
+
+
 def _read_csv(path: Path) -> list[Record]:
     text = _decode(path)
+    csv.field_size_limit(MAX_RECORD_CHARS)
     reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
-        return []
     records = []
-    for row in reader:
-        number = reader.line_num
-        if None in row or any(v is None for v in row.values()):
-            raise SoftPromptError(f"{path}:{number}: row has {len(row) - (None in row)} "
-                                  f"columns but the header has {len(reader.fieldnames)}")
-        records.append(_record(dict(row), f"{path}:{number}"))
+    try:
+        for row in reader:
+            number = reader.line_num
+            if None in row or any(v is None for v in row.values()):
+                # DictReader pads a short row with None values and puts extra cells under None.
+                found = (sum(v is not None for k, v in row.items() if k is not None)
+                         + len(row.get(None) or []))
+                raise SoftPromptError(f"{path}:{number}: row has {found} columns but the "
+                                      f"header has {len(reader.fieldnames)}")
+            records.append(_record(dict(row), f"{path}:{number}"))
+    except csv.Error as exc:
+        if "field larger than field limit" in str(exc):
+            raise SoftPromptError(f"{path}:{reader.line_num + 1}: a field is over the "
+                                  f"{MAX_RECORD_CHARS / 1e6:.1f}M character limit; cut the text "
+                                  f"first (only --max-length tokens are used anyway)") from None
+        raise SoftPromptError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
     return records
 
 

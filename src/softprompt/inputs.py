@@ -23,7 +23,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-IGNORE_INDEX = -100
+from softprompt.tasks import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "PromptedBatch", "PromptCache", "insert_prompt", "prompted_batch",
+           "target_loss", "full_logits", "build_prompt_cache", "cached_forward"]
 
 
 @dataclass

