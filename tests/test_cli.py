@@ -88,6 +88,24 @@ TRAIN_ERRORS = {
                        "--field", "source"], "--field 'source' must look like NAME=RECORD_FIELD"),
     "prompt exists": (["--task", "translation", "--train", "{dir}/good.jsonl"],
                       "already holds a prompt; pass --overwrite"),
+    # The malformed-input corpus: each file is written by the `cli` fixture.
+    "JSON array line": (["--task", "translation", "--train", "{dir}/array.jsonl"],
+                        "array.jsonl:2: expected a JSON object, got list"),
+    "number where text": (["--task", "translation", "--train", "{dir}/number.jsonl"],
+                          "number.jsonl:1: field 'source' must be text, got a number"),
+    "answers not text": (["--task", "qa", "--train", "{dir}/answers.jsonl"],
+                         "answers.jsonl:1: field 'answers' must be text or a list of text"),
+    "empty field": (["--task", "translation", "--train", "{dir}/blank.jsonl"],
+                    "blank.jsonl:2: field 'source' is empty"),
+    "invalid UTF-8": (["--task", "translation", "--train", "{dir}/latin1.jsonl"],
+                      "latin1.jsonl:2: not valid UTF-8"),
+    "CSV missing column": (["--task", "translation", "--train", "{dir}/short.csv"],
+                           "short.csv:3: row has 1 columns but the header has 2"),
+    "10 MB line": (["--task", "translation", "--train", "{dir}/huge.jsonl"],
+                   "huge.jsonl:1: record is 10.0M characters"),
+    "unknown placeholder": (["--template", "{source} means {meaning}", "--target-field",
+                             "target", "--train", "{dir}/good.jsonl"],
+                            "good.jsonl:1: missing field 'meaning'"),
 }
 
 
@@ -100,6 +118,15 @@ def cli(tiny_dirs, tmp_path_factory):
     (base / "malformed.jsonl").write_text(json.dumps(GOOD[0]) + '\n{"source": "x", \n')
     _write_jsonl(base / "missing.jsonl", [GOOD[0], {"id": "c", "text": "Hi.", "target": "Hallo."}])
     (base / "empty.jsonl").write_text("")
+    (base / "array.jsonl").write_text(json.dumps(GOOD[0]) + '\n["source", "target"]\n')
+    _write_jsonl(base / "number.jsonl", [{"source": 12, "target": "zwölf"}])
+    _write_jsonl(base / "answers.jsonl", [{"context": "C.", "question": "Q?", "answers": 3}])
+    _write_jsonl(base / "blank.jsonl", [GOOD[0], {"source": " ", "target": "x"}])
+    (base / "latin1.jsonl").write_bytes(json.dumps(GOOD[0]).encode() + b"\n"
+                                        + '{"source": "Grüße", "target": "x"}\n'.encode("latin-1"))
+    (base / "short.csv").write_text("source,target\nThe dog sleeps.,Der Hund schläft.\nRain.\n")
+    _write_jsonl(base / "huge.jsonl", [{"source": "a" * 10_000_000, "target": "x"}])
+    (base / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + (base / "good.jsonl").read_bytes())
     _write_jsonl(base / "inputs.jsonl", [{"id": "x1", "source": "The cat is on the table.",
                                           "target": "Die Katze ist auf dem Tisch."},
                                          {"id": "x2", "source": "We drink coffee.",
@@ -260,3 +287,45 @@ def test_generate_for_records_without_a_target(cli, capfd):
                  "--max-new-tokens", "3"], capfd)
     assert run.returncode == 0, str(run)
     assert len(preds.read_text().splitlines()) == 1
+
+
+def test_utf8_bom_is_accepted_by_the_cli(cli, capfd, tmp_path):
+    out = tmp_path / "bom-out"
+    run = _main(["train", *TRAIN_FLAGS, "--task", "translation", "--train",
+                 str(cli["base"] / "bom.jsonl"), "--output", str(out), "--model", cli["model"]],
+                capfd)
+    assert run.returncode == 0, str(run)
+    assert (out / "prompt.safetensors").is_file()
+
+
+def _broken_prompt(cli, tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    broken = tmp_path / name
+    shutil.copytree(cli["prompt_dir"], broken)
+    return broken
+
+
+def test_prompt_of_another_hidden_size_is_refused(cli, capfd, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    broken = _broken_prompt(cli, tmp_path, "wide")
+    save_file({"prompt_embeddings": torch.zeros(4, 48)}, str(broken / "prompt.safetensors"))
+    meta = json.loads((broken / "softprompt.json").read_text())
+    (broken / "softprompt.json").write_text(json.dumps({**meta, "hidden_size": 48}))
+    run = _main(["generate", "--prompt", str(broken), "--input", "Hi."], capfd)
+    _one_line_error(run, "prompt hidden size 48 does not match the model's 32")
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", "softprompt.json is not valid JSON"),
+    ("[1, 2]", "softprompt.json must hold a JSON object, got list"),
+    ('{"model": "m", "task": {}, "num_virtual_tokens": "4", "hidden_size": 32}',
+     "field 'num_virtual_tokens' must be an integer"),
+])
+def test_invalid_softprompt_json_is_refused(cli, capfd, tmp_path, content, expected):
+    broken = _broken_prompt(cli, tmp_path, "bad-json")
+    (broken / "softprompt.json").write_text(content)
+    run = _main(["generate", "--prompt", str(broken), "--input", "Hi."], capfd)
+    _one_line_error(run, expected)

@@ -187,10 +187,10 @@ def test_load_prompt_refuses_a_model_of_another_width(tiny, tmp_path):
     ("{not json", "not valid JSON"),
     ("\xff\xfe garbage", "not valid JSON"),
     ("[1, 2, 3]", "must hold a JSON object, got list"),
-    ('{"task": {}, "num_virtual_tokens": 4, "hidden_size": 32}', "'model' must be a str"),
-    ('{"model": "m", "task": {}, "hidden_size": 32}', "'num_virtual_tokens' must be a int"),
+    ('{"task": {}, "num_virtual_tokens": 4, "hidden_size": 32}', "'model' must be a string"),
+    ('{"model": "m", "task": {}, "hidden_size": 32}', "'num_virtual_tokens' must be an integer"),
     ('{"model": "m", "task": "translation", "num_virtual_tokens": 4, "hidden_size": 32}',
-     "'task' must be a dict"),
+     "'task' must be an object"),
 ])
 def test_invalid_softprompt_json_is_refused(tmp_path, content, match):
     prompt = torch.zeros(4, 32)

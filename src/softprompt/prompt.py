@@ -136,10 +136,11 @@ def load_meta(directory: str | Path) -> PromptMeta:
                               f"the file") from None
     if not isinstance(raw, dict):
         raise SoftPromptError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    required = {"model": str, "task": dict, "num_virtual_tokens": int, "hidden_size": int}
-    for key, kind in required.items():
+    required = {"model": (str, "a string"), "task": (dict, "an object"),
+                "num_virtual_tokens": (int, "an integer"), "hidden_size": (int, "an integer")}
+    for key, (kind, described) in required.items():
         if not isinstance(raw.get(key), kind):
-            raise SoftPromptError(f"{path}: field {key!r} must be a {kind.__name__}, "
+            raise SoftPromptError(f"{path}: field {key!r} must be {described}, "
                                   f"got {raw.get(key)!r}")
     known = set(PromptMeta.__dataclass_fields__)
     return PromptMeta(**{k: v for k, v in raw.items() if k in known})
