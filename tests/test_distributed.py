@@ -91,3 +91,23 @@ def test_checkpoint_from_two_processes_resumes_on_one(tiny_dirs, data, single_ru
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
     torch.testing.assert_close(_prompt(out), _prompt(single_run), atol=TOLERANCE, rtol=0)
+
+
+def test_sharded_model_matches_one_process(tiny_dirs, data, single_run, tmp_path):
+    """--shard-model: each decoder layer's weights split over 2 processes (FSDP2)."""
+    out = tmp_path / "sharded"
+    proc = _launch(2, _train_args(tiny_dirs["llama"], data, out, 4, "--shard-model"))
+    assert proc.returncode == 0, proc.stderr
+    torch.testing.assert_close(_prompt(out), _prompt(single_run), atol=TOLERANCE, rtol=0)
+
+
+def test_uneven_last_batch_keeps_ranks_in_step(tiny_dirs, tmp_path):
+    """18 examples, global batch 8: the last step has 2 rows, so rank 1 has none there."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[:18]) + "\n")
+    for extra in ((), ("--shard-model",)):
+        out = tmp_path / f"uneven{len(extra)}"
+        proc = _launch(2, _train_args(tiny_dirs["gpt2"], data, out, 4, "--validation",
+                                      str(data), *extra))
+        assert proc.returncode == 0, proc.stderr
+        assert (out / "prompt.safetensors").is_file()

@@ -113,6 +113,10 @@ class TrainConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory."}
     )
+    shard_model: bool = field(
+        default=False,
+        metadata={"help": "With several processes, shard the frozen decoder layers (FSDP2)."},
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "gradient_accumulation_steps", "lr",

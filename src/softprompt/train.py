@@ -124,6 +124,33 @@ def _disable_checkpointing(model) -> None:
             module.training = False
 
 
+def shard_layers(model) -> None:
+    """Shard each decoder layer's frozen weights across processes (FSDP2 ``fully_shard``).
+
+    The layers hold nearly all of a model's weights; embeddings, final norm and head stay whole
+    on every process. Each layer gathers its weights for its forward and backward and frees
+    them after, so a model too large for one device trains its prompt on several.
+    """
+    from torch.distributed.fsdp import fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise SoftPromptError(f"--shard-model: no decoder layers found in "
+                              f"{type(model).__name__}; train without it")
+    for layer in layers:
+        fully_shard(layer)
+
+
+def _same_count(count: int, device: torch.device, sharded: bool) -> int:
+    """With a sharded model every rank must run as many forwards as the busiest one."""
+    if not sharded:
+        return count
+    t = torch.tensor([count], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t)
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     state = opt.state_dict()["state"].get(0, {})
     return {f"adam.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).clone()
@@ -234,6 +261,9 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
                 print(f"resuming from {ckpt.path} (epoch {epoch + 1}, step {global_step})",
                       file=sys.stderr)
     freeze(model)  # whoever loaded it: no weight of the base model gets a gradient
+    sharded = cfg.shard_model and world > 1
+    if sharded:
+        shard_layers(model)
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
 
@@ -273,9 +303,14 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
         assert val_data is not None
         rows = val_data.rows[rank::world]
         total = torch.zeros(2, dtype=torch.float64, device=device)
-        for i in range(0, len(rows), cfg.batch_size):
-            loss_sum, count = step_loss(rows[i:i + cfg.batch_size], 1.0)
-            total += torch.tensor([loss_sum.item(), count], dtype=torch.float64, device=device)
+        batches = _same_count(math.ceil(len(rows) / cfg.batch_size), device, sharded)
+        for i in range(batches):
+            chunk = rows[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            # A sharded model needs every rank in every forward: idle ranks run a dummy row.
+            loss_sum, count = step_loss(chunk or val_data.rows[:1], 1.0)
+            if chunk:
+                total += torch.tensor([loss_sum.item(), count], dtype=torch.float64,
+                                      device=device)
         total = _all_reduce_sum(total, world)
         return (total[0] / total[1]).item()
 
@@ -289,7 +324,7 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
             best["epoch_loss"], best["epoch_tokens"] = 0.0, 0
         for indices in order[step_in_epoch:]:
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)  # every rank has a gradient to all-reduce
             rows = [train_data.rows[i] for i in indices]
             n_targets = sum(sum(1 for x in lab if x != -100) for _, lab in rows)
             n_tokens = sum(len(ids) for ids, _ in rows)
@@ -297,15 +332,18 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
             micro = cfg.batch_size * world
             for start in range(0, len(rows), micro):
                 mine = rows[start:start + micro][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-                if not mine:
+                if not mine and not sharded:
                     continue
-                loss, _ = step_loss(mine, n_targets)
-                loss.backward()
-                step_sum += loss.item() * n_targets
+                # With a sharded model an idle rank still runs (a zero-weighted) forward and
+                # backward, so that every rank joins every all-gather.
+                weight = 1.0 if mine else 0.0
+                loss, _ = step_loss(mine or rows[:1], n_targets)
+                (loss * weight).backward()
+                step_sum += loss.item() * n_targets * weight
             if world > 1:
                 _all_reduce_sum(soft.embeddings.grad, world)
-                step_sum = _all_reduce_sum(torch.tensor([step_sum], dtype=torch.float64),
-                                           world).item()
+                total = torch.tensor([step_sum], dtype=torch.float64, device=device)
+                step_sum = _all_reduce_sum(total, world).item()
             step_loss_value = step_sum / n_targets
             if not math.isfinite(step_loss_value):
                 last = checkpoint.list_checkpoints(out)
