@@ -1,0 +1,159 @@
+"""evaluate and compare end to end on tiny models; the no-instruction baseline is the plain
+model's own greedy generation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from softprompt.compare import SOFT, compare, summary
+from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
+from softprompt.data import read_records
+from softprompt.evaluate import METRICS_FILE, PREDICTIONS_FILE, System, baselines, evaluate, write_eval
+from softprompt.generation import cut_at_stop
+from softprompt.tasks import get_task, make_examples, render_input
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_instruction_equals_plain_model_generate(tiny, samples):
+    model, tok, _ = tiny
+    task = get_task("translation")
+    records = read_records(samples / "translation" / "test.jsonl", limit=5)
+    gen = GenerationConfig(max_new_tokens=8, batch_size=2)
+    result = evaluate(model, tok, task, records, System("no instruction"), generation=gen)
+    for ex, row in zip(make_examples(task, records), result.predictions):
+        ids = tok(render_input(task, ex), return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        text = tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+        assert row["prediction"] == cut_at_stop(text, task.stop)[0]
+
+
+def test_hard_prompt_puts_the_instruction_in_front(tiny, samples):
+    model, tok, _ = tiny
+    task = get_task("translation")
+    records = read_records(samples / "translation" / "test.jsonl", limit=2)
+    result = evaluate(model, tok, task, records, System("hard", instruction="Translate now:"),
+                      generation=GenerationConfig(max_new_tokens=4))
+    assert all(r["input"].startswith("Translate now:\nEnglish: ") for r in result.predictions)
+
+
+@pytest.mark.parametrize("task_name, keys", [
+    ("translation", {"bleu", "chrf", "token_overlap"}),
+    ("qa", {"exact_match", "f1", "token_overlap"}),
+    ("summarization", {"rouge1", "rouge2", "rougeL", "token_overlap"}),
+])
+def test_evaluate_writes_predictions_and_flat_metrics(tiny_dirs, samples, tmp_path, task_name,
+                                                      keys):
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(tiny_dirs["gpt2"]))
+    task = get_task(task_name)
+    records = read_records(samples / task_name / "test.jsonl", limit=4)
+    prompt = torch.randn(3, model.config.hidden_size) * 0.1
+    result = evaluate(model, tok, task, records, System(SOFT, prompt),
+                      generation=GenerationConfig(max_new_tokens=5), max_length=512)
+    write_eval(tmp_path, result)
+    metrics = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert keys | {"loss", "perplexity", "n", "empty_rate", "seconds", "examples_per_s"} <= set(
+        metrics)
+    assert metrics["n"] == 4
+    for key in keys | {"empty_rate"}:
+        assert 0.0 <= metrics[key] <= 100.0 + 1e-9, key
+    assert metrics["loss"] > 0 and math.isclose(metrics["perplexity"], math.exp(metrics["loss"]),
+                                                rel_tol=1e-3)
+    rows = [json.loads(x) for x in (tmp_path / PREDICTIONS_FILE).read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    assert all(set(r) >= {"id", "prediction", "references", "scores"} for r in rows)
+    if task_name == "qa":
+        assert rows[0]["references"] == records[0]["answers"]
+
+
+def test_baselines_include_study_ours_user_and_none():
+    task = get_task("qa")
+    names = [s.name for s in baselines(task, ["Be brief."])]
+    assert names == ["hard: study", "hard: ours", "hard: user", "no instruction"]
+    assert baselines(task)[0].instruction == "Answer the Following Question"
+
+
+def test_compare_end_to_end_writes_report_and_plots(tiny_dirs, samples, tmp_path):
+    task = get_task("translation")
+    out = tmp_path / "cmp"
+    comps = compare(task, str(samples / "translation" / "train.jsonl"),
+                    str(samples / "translation" / "test.jsonl"), out,
+                    validation_path=str(samples / "translation" / "test.jsonl"),
+                    model_names=[str(tiny_dirs["gpt2"]), str(tiny_dirs["llama"])], limit=4,
+                    val_limit=3, generation=GenerationConfig(max_new_tokens=4),
+                    prompt_config=PromptConfig(num_virtual_tokens=3),
+                    train_config=TrainConfig(epochs=2, batch_size=8, max_train_examples=16,
+                                             max_eval_examples=4),
+                    hard=["Please translate:"], progress=False)
+    assert len(comps) == 2
+    for comp in comps:
+        assert list(comp.systems) == [SOFT, "hard: study", "hard: ours", "hard: user",
+                                      "no instruction"]
+        assert [r["epoch"] for r in comp.train_log if r["event"] == "epoch"] == [1, 2]
+        assert all("val_chrf" in r for r in comp.train_log if r["event"] == "epoch")
+    report = (out / "report.md").read_text()
+    assert "| system |" in report and "hard: study" in report and "Sample outputs" in report
+    images = sorted(p.name for p in out.glob("*.png"))
+    assert "scaling.png" in images and len(images) == 1 + 2 * 3  # bars, loss, val per model
+    for name in images:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000
+    for name in images:
+        assert f"({name})" in report
+    assert (out / "report.html").read_text().count("<img") == len(images)
+    data = json.loads((out / "comparison.json").read_text())
+    assert [m["model"] for m in data["models"]] == [str(tiny_dirs["gpt2"]),
+                                                   str(tiny_dirs["llama"])]
+    assert "soft prompt" in summary(comps)
+
+
+def test_compare_refuses_existing_report(tiny_dirs, samples, tmp_path):
+    from softprompt.errors import SoftPromptError
+
+    (tmp_path / "report.md").write_text("old")
+    with pytest.raises(SoftPromptError, match="already holds a report"):
+        compare(get_task("translation"), str(samples / "translation" / "train.jsonl"),
+                str(samples / "translation" / "test.jsonl"), tmp_path,
+                model_names=[str(tiny_dirs["gpt2"])])
+    assert (tmp_path / "report.md").read_text() == "old"
+
+
+def _cli(argv: list[str]) -> int:
+    from softprompt.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code
+
+
+def test_cli_evaluate_and_compare(tiny_dirs, samples, tmp_path, capsys):
+    model = str(tiny_dirs["llama"])
+    test = str(samples / "qa" / "test.jsonl")
+    common = ["--test", test, "--model", model, "--limit", "3", "--max-new-tokens", "4",
+              "--quiet"]
+    assert _cli(["evaluate", "--task", "qa", "--hard", "Answer:", "--output",
+                 str(tmp_path / "hard"), *common]) == 0
+    hard = json.loads((tmp_path / "hard" / METRICS_FILE).read_text())
+    assert hard["system"] == "hard" and hard["n"] == 3 and "f1" in hard
+    assert _cli(["evaluate", "--task", "qa", "--no-instruction", "--output",
+                 str(tmp_path / "hard"), *common]) == 2  # refuses to overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert _cli(["compare", "--task", "qa", "--train", str(samples / "qa" / "train.jsonl"),
+                 "--output", str(tmp_path / "cmp"), "--epochs", "1", "--max-train-examples",
+                 "8", "--num-virtual-tokens", "2", "--models", model, *common]) == 0
+    out = capsys.readouterr().out
+    assert "| soft prompt |" in out and "report.md" in out
+    prompt_dir = tmp_path / "cmp" / "prompt"
+    assert _cli(["evaluate", "--prompt", str(prompt_dir), "--output", str(tmp_path / "soft"),
+                 *common]) == 0
+    soft = json.loads((tmp_path / "soft" / METRICS_FILE).read_text())
+    assert soft["system"] == "soft prompt" and soft["n"] == 3
+    table = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert table["models"][0]["systems"][SOFT]["f1"] == soft["f1"]
