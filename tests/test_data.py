@@ -10,8 +10,16 @@ import pytest
 
 from softprompt.data import read_records
 from softprompt.errors import SoftPromptError
-from softprompt.tasks import (Task, get_task, load_task_file, make_example, make_examples,
-                              parse_field_map, render_input, validate_template)
+from softprompt.tasks import (
+    Task,
+    get_task,
+    load_task_file,
+    make_example,
+    make_examples,
+    parse_field_map,
+    render_input,
+    validate_template,
+)
 
 ROWS = [{"id": "a", "source": "The dog sleeps.", "target": "Der Hund schläft."},
         {"id": "b", "source": "It rains.", "target": "Es regnet."}]

@@ -12,7 +12,14 @@ import torch
 from softprompt.compare import SOFT, compare, summary
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
 from softprompt.data import read_records
-from softprompt.evaluate import METRICS_FILE, PREDICTIONS_FILE, System, baselines, evaluate, write_eval
+from softprompt.evaluate import (
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    System,
+    baselines,
+    evaluate,
+    write_eval,
+)
 from softprompt.generation import cut_at_stop
 from softprompt.tasks import get_task, make_examples, render_input
 

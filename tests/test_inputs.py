@@ -5,10 +5,17 @@ from __future__ import annotations
 import torch
 
 from softprompt.batching import collate
-from softprompt.generation import generate, generate_reference
 from softprompt.config import GenerationConfig
-from softprompt.inputs import (IGNORE_INDEX, build_prompt_cache, full_logits, insert_prompt,
-                               positions_from_mask, prompted_batch, target_loss)
+from softprompt.generation import generate, generate_reference
+from softprompt.inputs import (
+    IGNORE_INDEX,
+    build_prompt_cache,
+    full_logits,
+    insert_prompt,
+    positions_from_mask,
+    prompted_batch,
+    target_loss,
+)
 from softprompt.tasks import adds_bos
 
 TEXTS = ["A dog runs on the beach.", "Two children play football in a park near the river.",

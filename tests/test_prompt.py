@@ -12,9 +12,18 @@ from softprompt import api
 from softprompt.config import PromptInit
 from softprompt.errors import SoftPromptError
 from softprompt.models import load_model
-from softprompt.prompt import (CONFIG_FILE, PROMPT_FILE, TENSOR_KEY, PromptMeta, SoftPrompt,
-                               check_hidden_size, init_prompt, load_meta, load_prompt_tensor,
-                               save_prompt)
+from softprompt.prompt import (
+    CONFIG_FILE,
+    PROMPT_FILE,
+    TENSOR_KEY,
+    PromptMeta,
+    SoftPrompt,
+    check_hidden_size,
+    init_prompt,
+    load_meta,
+    load_prompt_tensor,
+    save_prompt,
+)
 from softprompt.tasks import get_task
 
 

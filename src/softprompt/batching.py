@@ -29,7 +29,8 @@ def step_order(lengths: list[int], step_size: int, seed: int, epoch: int) -> lis
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int,
             device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Left-pad ``(ids, labels)`` rows to ``input_ids``, ``attention_mask``, ``labels`` ``[B, T]``."""
+    """Left-pad ``(ids, labels)`` rows into ``input_ids``, ``attention_mask`` and ``labels``,
+    each ``[B, T]``."""
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

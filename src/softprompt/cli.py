@@ -16,8 +16,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from softprompt.config import (DEFAULT_MODEL, GenerationConfig, PromptConfig, PromptInit,
-                               TrainConfig)
+from softprompt.config import DEFAULT_MODEL, GenerationConfig, PromptConfig, PromptInit, TrainConfig
 from softprompt.errors import SoftPromptError
 
 

@@ -63,7 +63,8 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
             prompt, _ = load_prompt_tensor(prompt_dir)
             check_hidden_size(prompt, model.config.hidden_size, prompt_dir)
         else:
-            def val_metric(epoch: int, tensor) -> dict[str, float]:
+            def val_metric(epoch: int, tensor, model=model,
+                           tokenizer=tokenizer) -> dict[str, float]:
                 res = evaluate(model, tokenizer, task, val_records[:val_limit],
                                System(SOFT, tensor), generation=gen, max_length=tcfg.max_length)
                 return {f"val_{task.primary_metric}": res.metrics[task.primary_metric]}

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, fields
 
 from softprompt.errors import SoftPromptError
 
-
 DEFAULT_MODEL = "smollm2-135m"  # the bundled SmolLM2-135M-Instruct (see models.py)
 
 

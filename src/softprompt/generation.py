@@ -14,8 +14,13 @@ from tqdm.auto import tqdm
 from softprompt.batching import length_sorted_batches
 from softprompt.config import GenerationConfig
 from softprompt.errors import SoftPromptError
-from softprompt.inputs import (build_prompt_cache, cached_forward, first_positions, full_logits,
-                               prompted_batch)
+from softprompt.inputs import (
+    build_prompt_cache,
+    cached_forward,
+    first_positions,
+    full_logits,
+    prompted_batch,
+)
 from softprompt.tasks import adds_bos
 
 

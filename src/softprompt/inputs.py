@@ -39,7 +39,8 @@ class PromptedBatch:
     labels: torch.Tensor | None  # [B, L], IGNORE_INDEX on pads, prompt and input
 
 
-def positions_from_mask(attention_mask: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+def positions_from_mask(attention_mask: torch.Tensor,
+                        offset: int | torch.Tensor = 0) -> torch.Tensor:
     """``[B, L]`` mask -> ``[B, L]`` position ids: 0, 1, ... over real tokens, pads get 0."""
     positions = attention_mask.long().cumsum(-1) - 1 + offset
     return positions.clamp(min=0).masked_fill(attention_mask == 0, 0)

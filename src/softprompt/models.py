@@ -101,7 +101,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None,
             )
     except OSError as exc:
         if is_local:
-            raise SoftPromptError(f"--model {name!r}: cannot load it ({_first_line(exc)})") from None
+            raise SoftPromptError(f"--model {name!r}: cannot load it "
+                                  f"({_first_line(exc)})") from None
         raise SoftPromptError(
             f"--model {name!r} was not found locally and the Hugging Face hub is not reachable; "
             f"download it elsewhere and pass its local directory, e.g. --model ./models/gpt2"

@@ -13,9 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from softprompt.data import Record
 from softprompt.errors import SoftPromptError
-
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (pads, prompt, input)
 

@@ -13,8 +13,8 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,14 @@ from softprompt.errors import SoftPromptError
 from softprompt.faults import crash_point
 from softprompt.inputs import prompted_batch, target_loss
 from softprompt.models import freeze
-from softprompt.prompt import (CONFIG_FILE, PROMPT_FILE, PromptMeta, SoftPrompt, init_prompt,
-                               prompt_exists, save_prompt)
+from softprompt.prompt import (
+    CONFIG_FILE,
+    PROMPT_FILE,
+    PromptMeta,
+    init_prompt,
+    prompt_exists,
+    save_prompt,
+)
 from softprompt.tasks import Encoded, Task, adds_bos, encode_example, make_examples
 
 LOG_FILE = "log.jsonl"
@@ -290,7 +296,8 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
-    def step_loss(rows: list[tuple[list[int], list[int]]], denom: float) -> tuple[torch.Tensor, int]:
+    def step_loss(rows: list[tuple[list[int], list[int]]],
+                  denom: float) -> tuple[torch.Tensor, int]:
         batch = collate(rows, tokenizer.pad_token_id, device)
         with autocast:
             merged = prompted_batch(model, soft(), batch["input_ids"], batch["attention_mask"],
@@ -374,7 +381,8 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
 
         # 4. Validate at each epoch end; keep the best prompt; stop when it stops improving.
         record: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1, "step": global_step,
-                                  "train_loss": round(best["epoch_loss"] / max(1, best["epoch_tokens"]), 6)}
+                                  "train_loss": round(best["epoch_loss"]
+                                                      / max(1, best["epoch_tokens"]), 6)}
         if val_data is not None:
             val = validation_loss()
             record["val_loss"] = round(val, 6)
