@@ -107,3 +107,18 @@ def test_prompt_cache_is_computed_once_and_has_prefix_length(tiny):
     assert k.shape[0] == 1 and k.shape[2] == cache.length
     expanded = cache.expand(3)
     assert expanded.get_seq_length() == cache.length
+
+
+def test_rows_leaving_the_batch_early_do_not_change_the_others(tiny):
+    model, tok, _ = tiny
+    prompt = _prompt(model, p=3, seed=5)
+    texts = TEXTS + ["The old man reads a newspaper on a bench.", "Snow falls."]
+    for stop in ("e", "a", None):
+        cfg = GenerationConfig(max_new_tokens=10, batch_size=5)
+        together = generate(model, tok, texts, prompt, cfg, stop=stop)
+        alone = [generate(model, tok, [t], prompt, GenerationConfig(max_new_tokens=10),
+                          stop=stop)[0]
+                 for t in texts]
+        assert together == alone
+        if stop:  # rows really did stop at different steps
+            assert len({len(x) for x in together}) > 1

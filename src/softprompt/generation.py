@@ -20,6 +20,7 @@ from softprompt.inputs import (
     first_positions,
     full_logits,
     prompted_batch,
+    select_rows,
 )
 from softprompt.tasks import adds_bos
 
@@ -99,23 +100,28 @@ def generate(model, tokenizer, texts: list[str] | list[list[int]],
         logits, cache = cached_forward(model, cache, input_ids, full_mask, positions)
         next_pos = positions[:, -1:] + 1  # [B, 1]
         generated: list[list[int]] = [[] for _ in rows]
-        done = torch.zeros(bsz, dtype=torch.bool)
+        active = list(range(bsz))  # batch rows still decoding; logits has one row for each
         for _ in range(cfg.max_new_tokens):
-            tokens = _next_tokens(logits, cfg, gen)  # [B]
-            for i, tok in enumerate(tokens.tolist()):
-                if done[i]:
-                    continue
+            tokens = _next_tokens(logits, cfg, gen)  # [A]
+            keep = []
+            for j, tok in enumerate(tokens.tolist()):
+                i = active[j]
                 if tok == eos:
-                    done[i] = True
                     continue
                 generated[i].append(tok)
-                if stop and stop in tokenizer.decode([tok]):
-                    done[i] = cut_at_stop(tokenizer.decode(generated[i]), stop)[1]
-            if bool(done.all()):
+                if stop and stop in tokenizer.decode([tok]) and cut_at_stop(
+                        tokenizer.decode(generated[i]), stop)[1]:
+                    continue
+                keep.append(j)
+            if not keep:
                 break
-            tokens = tokens.masked_fill(done.to(device), pad).unsqueeze(1)  # [B, 1]
-            full_mask = torch.cat([full_mask, full_mask.new_ones(bsz, 1)], 1)
-            logits, cache = cached_forward(model, cache, tokens, full_mask, next_pos)
+            if len(keep) < len(active):  # finished rows leave the batch: no compute on them
+                index = torch.tensor(keep, device=device)
+                cache = select_rows(cache, index)
+                tokens, full_mask, next_pos = tokens[index], full_mask[index], next_pos[index]
+                active = [active[j] for j in keep]
+            full_mask = torch.cat([full_mask, full_mask.new_ones(len(active), 1)], 1)
+            logits, cache = cached_forward(model, cache, tokens.unsqueeze(1), full_mask, next_pos)
             next_pos = next_pos + 1
         for i, r in enumerate(rows):
             results[r] = cut_at_stop(tokenizer.decode(generated[i], skip_special_tokens=True),

@@ -26,7 +26,7 @@ from transformers import DynamicCache, PreTrainedModel
 from softprompt.tasks import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "PromptedBatch", "PromptCache", "insert_prompt", "prompted_batch",
-           "target_loss", "full_logits", "build_prompt_cache", "cached_forward"]
+           "target_loss", "full_logits", "build_prompt_cache", "cached_forward", "select_rows"]
 
 
 @dataclass
@@ -213,6 +213,12 @@ def cached_forward(model: PreTrainedModel, cache: DynamicCache, input_ids: torch
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
     return out.logits[:, -1], _output_cache(out)
+
+
+def select_rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
+    """Keep only the batch rows ``index`` ``[A]`` of a cache (finished rows leave the batch)."""
+    cache.batch_select_indices(index)
+    return cache
 
 
 def first_positions(prefix_length: int, attention_mask: torch.Tensor) -> torch.Tensor:
