@@ -72,23 +72,107 @@ def run_task(name: str, out_dir: Path, limit: int | None, train_limit: int | Non
             "samples": {k: v[:3] for k, v in comp.predictions.items()}}
 
 
+PRIMARY_NAMES = {"rougeL": "ROUGE-L", "f1": "F1", "chrf": "chrF"}
+TASK_TITLES = {"summarization": "Summarization (DialogSum)",
+               "qa": "Question answering (SQuAD v1.1)",
+               "translation": "Translation EN→DE (Multi30k)"}
+
+
+def _table(systems: dict[str, dict[str, float]]) -> list[str]:
+    keys = [k for k in ("rouge1", "rouge2", "rougeL", "exact_match", "f1", "bleu", "chrf",
+                        "token_overlap", "loss", "empty_rate", "examples_per_s")
+            if any(k in m for m in systems.values())]
+    lines = ["| system | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, m in systems.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.2f}" for k in keys) + " |")
+    return lines
+
+
+def _sweep_section() -> list[str]:
+    rows = []
+    for path in sorted((ROOT / "bench" / "out").glob("sweep-*.json")):
+        rows += json.loads(path.read_text())
+    if not rows:
+        return []
+    metric = next(k for k in rows[0] if k.startswith("val_") and k != "val_loss")
+    lines = ["| task | P | lr | best val loss | " + metric + " | train s |", "|---" * 6 + "|"]
+    for r in sorted(rows, key=lambda r: (r["task"], r["num_virtual_tokens"], r["lr"])):
+        lines.append(f"| {r['task']} | {r['num_virtual_tokens']} | {r['lr']} | "
+                     f"{r['val_loss']:.3f} | {r[metric]:.2f} | {r['train_seconds']:.0f} |")
+    return lines
+
+
+def write_results_md(out: Path, path: Path = ROOT / "RESULTS.md") -> None:
+    """RESULTS.md from results-output/<task>/result.json (and the sweep, if present)."""
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+    order = {"summarization": 0, "qa": 1, "translation": 2}
+    results.sort(key=lambda r: order.get(r["task"], 9))
+    md = ["# Results on real data", "",
+          "Soft prompt vs hand-written prompts with the bundled SmolLM2-135M-Instruct, on the "
+          "test splits of `../shared/data` (200 examples per task). Every system goes through "
+          "the same template, truncation, greedy decoding and metrics; only what stands in "
+          "front of the input differs. Scores are 0-100 (loss: mean target-token "
+          "cross-entropy, teacher-forced; empty_rate: % of empty outputs).", ""]
+    if results:
+        md += [f"Reproduce: `{results[0]['command']}` (about "
+               f"{sum(r['wall_seconds'] for r in results) / 60:.0f} minutes). "
+               f"Machine: {results[0]['machine']}. Date: {results[0].get('date', '?')}.", ""]
+        md += ["| task | primary metric | soft prompt | best hard prompt | margin |",
+               "|---|---|---|---|---|"]
+        for r in results:
+            p = r["primary"]
+            soft = r["systems"][SOFT][p]
+            best_score, best_name = max((m[p], n) for n, m in r["systems"].items() if n != SOFT)
+            md.append(f"| {r['task']} | {PRIMARY_NAMES.get(p, p)} | {soft:.2f} | "
+                      f"{best_score:.2f} ({best_name}) | {soft - best_score:+.2f} |")
+        md.append("")
+    for r in results:
+        s = r["settings"]
+        md += [f"## {TASK_TITLES.get(r['task'], r['task'])}", "",
+               f"Soft prompt: P={s['num_virtual_tokens']}, lr={s['lr']}, {s['epochs']} epoch(s) "
+               f"on the first {s['max_train_examples']} training examples, batch 8, "
+               f"max length {s['max_length']}; training took {r['train_seconds']:.0f} s.", ""]
+        md += _table(r["systems"]) + [""]
+        md += ["Sample outputs (first test examples):", ""]
+        first = next(iter(r["samples"].values()))
+        for i, row in enumerate(first[:2]):
+            text = row["input"] if len(row["input"]) < 400 else row["input"][:400] + " ..."
+            md += ["```", text, "```", f"- reference: {row['references'][0]!r}"]
+            md += [f"- {name}: {rows[i]['prediction']!r}" for name, rows in r["samples"].items()]
+            md.append("")
+    sweep = _sweep_section()
+    if sweep:
+        md += ["## Choosing the defaults: learning rate and prompt length", "",
+               "Small sweep on the translation task (first 320 training examples, 1 epoch, "
+               "batch 8), scored on the first 48 validation examples only "
+               "(`python bench/sweep.py ...`, see its docstring):", ""] + sweep + [""]
+    path.write_text("\n".join(md) + "\n", encoding="utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="translation,qa,summarization")
     ap.add_argument("--limit", type=int, default=None, help="test examples per task")
     ap.add_argument("--train-limit", type=int, default=None, help="training examples per task")
     ap.add_argument("--out", default=str(ROOT / "results-output"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="only rewrite RESULTS.md from results already in --out")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.report_only:
+        write_results_md(out)
+        return
     for name in args.tasks.split(","):
         result = run_task(name, out, args.limit, args.train_limit)
         result["machine"] = machine()
         result["command"] = "python " + " ".join(sys.argv)
+        result["date"] = time.strftime("%Y-%m-%d")
         (out / name).mkdir(parents=True, exist_ok=True)
         (out / name / "result.json").write_text(json.dumps(result, indent=1))
         soft = result["systems"][SOFT][result["primary"]]
         best = max((m[result["primary"]], s) for s, m in result["systems"].items() if s != SOFT)
         print(f"{name}: soft {soft:.2f} vs best hard {best[0]:.2f} ({best[1]})", flush=True)
+    write_results_md(out)
 
 
 if __name__ == "__main__":

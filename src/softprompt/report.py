@@ -48,8 +48,13 @@ def plot_losses(log: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     steps = [r for r in log if r["event"] == "step"]
     epochs = [r for r in log if r["event"] == "epoch"]
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="0.7", lw=1,
-            label="train (step)")
+    xs, ys = [r["step"] for r in steps], [r["loss"] for r in steps]
+    ax.plot(xs, ys, color="0.8", lw=1, label="train (step)")
+    window = max(1, len(ys) // 20)
+    if window > 1:  # a running mean makes the trend readable through batch noise
+        smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1])
+                  for i in range(len(ys))]
+        ax.plot(xs, smooth, color="0.4", lw=1.5, label=f"train (mean of {window} steps)")
     if epochs:
         ax.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-",
                 label="train (epoch)")
