@@ -51,10 +51,13 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores, no GPU, Python {platform.python_version()}"
 
 
-def run_task(name: str, out_dir: Path, limit: int | None, train_limit: int | None) -> dict:
+def run_task(name: str, out_dir: Path, limit: int | None, train_limit: int | None,
+             reuse: bool = False) -> dict:
     s = SETTINGS[name]
     task = get_task(name)
     t0 = time.perf_counter()
+    prompt_dir = out_dir / name / "prompt"
+    reuse = reuse and (prompt_dir / "prompt.safetensors").is_file()
     comps = compare(
         task, str(DATA / name / "train.jsonl"), str(DATA / name / "test.jsonl"), out_dir / name,
         validation_path=str(DATA / name / "validation.jsonl"), limit=limit, val_limit=24,
@@ -64,7 +67,8 @@ def run_task(name: str, out_dir: Path, limit: int | None, train_limit: int | Non
                                  max_length=s["max_length"],
                                  max_train_examples=train_limit or s["max_train_examples"],
                                  max_eval_examples=100, patience=1),
-        overwrite=True, progress=True)
+        prompt_dir=str(prompt_dir) if reuse else None, reuse=reuse, overwrite=not reuse,
+        progress=True)
     comp = comps[0]
     return {"task": name, "primary": task.primary_metric, "settings": s,
             "systems": comp.systems, "train_seconds": comp.train_seconds,
@@ -155,6 +159,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="test examples per task")
     ap.add_argument("--train-limit", type=int, default=None, help="training examples per task")
     ap.add_argument("--out", default=str(ROOT / "results-output"))
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep trained prompts and finished evaluations in --out; run the rest")
     ap.add_argument("--report-only", action="store_true",
                     help="only rewrite RESULTS.md from results already in --out")
     args = ap.parse_args()
@@ -163,7 +169,10 @@ def main() -> None:
         write_results_md(out)
         return
     for name in args.tasks.split(","):
-        result = run_task(name, out, args.limit, args.train_limit)
+        previous = out / name / "result.json"
+        result = run_task(name, out, args.limit, args.train_limit, args.reuse)
+        if args.reuse and previous.is_file():  # keep the wall time of the original run
+            result["wall_seconds"] += json.loads(previous.read_text())["wall_seconds"]
         result["machine"] = machine()
         result["command"] = "python " + " ".join(sys.argv)
         result["date"] = time.strftime("%Y-%m-%d")

@@ -164,3 +164,43 @@ def test_cli_evaluate_and_compare(tiny_dirs, samples, tmp_path, capsys):
     assert soft["system"] == "soft prompt" and soft["n"] == 3
     table = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert table["models"][0]["systems"][SOFT]["f1"] == soft["f1"]
+
+
+def test_chat_baseline_wraps_instruction_and_input_in_the_chat_template(tiny, samples):
+    from softprompt.evaluate import _encode
+
+    model, tok, _ = tiny
+    tok.chat_template = ("{% for m in messages %}<s>user: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    task = get_task("translation")
+    records = read_records(samples / "translation" / "test.jsonl", limit=2)
+    examples = make_examples(task, records)
+    system = System("hard: ours (chat)", instruction="Translate.", chat=True)
+    (enc, _) = _encode(task, examples, tok, system, 512, with_target=False)
+    expected = f"<s>user: Translate.\n{render_input(task, examples[0])}</s><s>assistant:"
+    assert enc.input_ids == tok(expected, add_special_tokens=False).input_ids
+    names = [s.name for s in baselines(task, chat=True)]
+    assert "hard: ours (chat)" in names
+    result = evaluate(model, tok, task, records, system, generation=GenerationConfig(
+        max_new_tokens=3))
+    assert result.metrics["n"] == 2
+
+
+def test_compare_reuse_keeps_finished_evaluations(tiny_dirs, samples, tmp_path):
+    task = get_task("translation")
+    kwargs = dict(model_names=[str(tiny_dirs["gpt2"])], limit=3,
+                  generation=GenerationConfig(max_new_tokens=3),
+                  prompt_config=PromptConfig(num_virtual_tokens=2),
+                  train_config=TrainConfig(epochs=1, max_train_examples=8), progress=False)
+    out = tmp_path / "cmp"
+    compare(task, str(samples / "translation" / "train.jsonl"),
+            str(samples / "translation" / "test.jsonl"), out, **kwargs)
+    marker = out / "systems" / "hard_study" / "metrics.json"
+    data = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**data, "chrf": 77.7}))
+    (out / "systems" / "no_instruction" / "metrics.json").unlink()  # as if interrupted
+    comps = compare(task, None, str(samples / "translation" / "test.jsonl"), out,
+                    prompt_dir=str(out / "prompt"), reuse=True, **kwargs)
+    assert comps[0].systems["hard: study"]["chrf"] == 77.7  # kept, not re-run
+    assert (out / "systems" / "no_instruction" / "metrics.json").is_file()  # re-run
+    assert comps[0].train_log  # read back from the prompt directory for the plots

@@ -168,7 +168,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           val_limit=args.val_limit, generation=GenerationConfig(**options),
                           prompt_config=PromptConfig(**_pick(args, PromptConfig)),
                           train_config=TrainConfig(**_pick(args, TrainConfig)),
-                          overwrite=args.overwrite, progress=not args.quiet)
+                          overwrite=args.overwrite, reuse=args.reuse, progress=not args.quiet)
     print(summary(comparisons))
     print(f"\nreport: {Path(args.output) / 'report.md'}")
     return 0
@@ -207,6 +207,8 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-limit", type=int, default=20,
                    help="validation records generated for the per-epoch metric (0: none)")
     p.add_argument("--overwrite", action="store_true", help="replace results in --output")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep evaluations already in --output; run only missing systems")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_dataclass(p, PromptConfig)
     _add_dataclass(p, TrainConfig)

@@ -6,6 +6,7 @@ through the same pipeline, then write ``report.md`` / ``report.html`` with plots
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -15,11 +16,18 @@ from softprompt import atomic, models
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
 from softprompt.data import read_records
 from softprompt.errors import SoftPromptError
-from softprompt.evaluate import System, baselines, evaluate, write_eval
+from softprompt.evaluate import (
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    System,
+    baselines,
+    evaluate,
+    write_eval,
+)
 from softprompt.prompt import check_hidden_size, load_prompt_tensor
 from softprompt.report import ModelComparison, markdown_table, metrics_table, write_report
 from softprompt.tasks import Task, make_examples
-from softprompt.train import train
+from softprompt.train import LOG_FILE, train
 
 SOFT = "soft prompt"
 
@@ -34,11 +42,17 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
             limit: int | None = None, val_limit: int = 20,
             generation: GenerationConfig | None = None,
             prompt_config: PromptConfig | None = None, train_config: TrainConfig | None = None,
-            overwrite: bool = False, progress: bool = True) -> list[ModelComparison]:
-    """Train (or load) a soft prompt per model and compare it with hard-prompt baselines."""
+            overwrite: bool = False, reuse: bool = False,
+            progress: bool = True) -> list[ModelComparison]:
+    """Train (or load) a soft prompt per model and compare it with hard-prompt baselines.
+
+    ``reuse`` keeps the evaluations already in ``output`` (a finished or interrupted run) and
+    only runs the systems that are missing; with ``prompt_dir`` nothing is retrained.
+    """
     out = Path(output)
-    if (out / "report.md").exists() and not overwrite:
-        raise SoftPromptError(f"{out} already holds a report; pass --overwrite to replace it")
+    if (out / "report.md").exists() and not (overwrite or reuse):
+        raise SoftPromptError(f"{out} already holds a report; pass --overwrite to replace it "
+                              f"or --reuse to add to it")
     if prompt_dir is None and train_path is None:
         raise SoftPromptError("give --train PATH to train a soft prompt, or --prompt DIR")
     model_names = model_names or [models.DEFAULT_MODEL]
@@ -60,8 +74,10 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
         log: list[dict[str, Any]] = []
         train_seconds = None
         if prompt_dir is not None:
-            prompt, _ = load_prompt_tensor(prompt_dir)
+            prompt, meta = load_prompt_tensor(prompt_dir)
             check_hidden_size(prompt, model.config.hidden_size, prompt_dir)
+            log = read_log(Path(prompt_dir))
+            train_seconds = meta.metrics.get("train_seconds")
         else:
             def val_metric(epoch: int, tensor, model=model,
                            tokenizer=tokenizer) -> dict[str, float]:
@@ -76,10 +92,15 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
                            on_epoch_end=val_metric if val_records and val_limit else None)
             prompt, log = result.prompt, result.log
             train_seconds = result.meta.metrics.get("train_seconds")
-        systems = [System(SOFT, prompt)] + baselines(task, hard)
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        systems = [System(SOFT, prompt)] + baselines(task, hard, chat=chat)
         metrics: dict[str, dict[str, float]] = {}
         predictions: dict[str, list[dict[str, Any]]] = {}
         for system in systems:
+            done = read_eval(model_out / "systems" / slug(system.name)) if reuse else None
+            if done is not None:
+                metrics[system.name], predictions[system.name] = done
+                continue
             if progress:
                 print(f"evaluating {system.name} on {len(test_records)} examples ({name})",
                       file=sys.stderr)
@@ -97,6 +118,25 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
                                    "train_seconds": c.train_seconds, "systems": c.systems}
                                   for c in comparisons]})
     return comparisons
+
+
+def read_log(prompt_dir: Path) -> list[dict[str, Any]]:
+    """The training log written beside a prompt (empty if there is none)."""
+    path = prompt_dir / LOG_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def read_eval(directory: Path) -> tuple[dict[str, float], list[dict[str, Any]]] | None:
+    """Metrics and predictions of a finished evaluation, or None."""
+    metrics_path, preds_path = directory / METRICS_FILE, directory / PREDICTIONS_FILE
+    if not (metrics_path.is_file() and preds_path.is_file()):
+        return None
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    metrics.pop("system", None)
+    rows = [json.loads(line) for line in preds_path.read_text(encoding="utf-8").splitlines()]
+    return metrics, rows
 
 
 def summary(comparisons: list[ModelComparison]) -> str:

@@ -35,6 +35,7 @@ class System:
     name: str
     prompt: torch.Tensor | None = None
     instruction: str = ""
+    chat: bool = False  # wrap instruction + input as a user turn in the model's chat template
 
     @property
     def kind(self) -> str:
@@ -50,15 +51,19 @@ class EvalResult:
     predictions: list[dict[str, Any]]
 
 
-def baselines(task: Task, extra: list[str] | None = None,
-              no_instruction: bool = True) -> list[System]:
-    """The hard-prompt systems: the study's prompt, a better hand-written one, the user's,
-    and no instruction at all."""
+def baselines(task: Task, extra: list[str] | None = None, no_instruction: bool = True,
+              chat: bool = False) -> list[System]:
+    """The hard-prompt systems: the study's prompt, a better hand-written one (also inside the
+    model's chat template when ``chat``, the fair way to ask an instruction-tuned model), the
+    user's, and no instruction at all."""
     systems = []
     if task.instruction:
         systems.append(System("hard: study", instruction=task.instruction))
     if task.better_instruction:
         systems.append(System("hard: ours", instruction=task.better_instruction))
+        if chat:
+            systems.append(System("hard: ours (chat)", instruction=task.better_instruction,
+                                  chat=True))
     for i, text in enumerate(extra or [], start=1):
         systems.append(System(f"hard: user {i}" if len(extra) > 1 else "hard: user",
                               instruction=text))
@@ -71,11 +76,16 @@ def _encode(task: Task, examples: list[Example], tokenizer, system: System, max_
             with_target: bool, reserve: int = 0):
     """Token ids per example (the truncate field cut to fit), or an error if one cannot fit."""
     p = system.prompt.shape[0] if system.prompt is not None else 0
+    wrap = None
+    if system.chat:
+        def wrap(text: str) -> str:
+            return tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 tokenize=False, add_generation_prompt=True)
     encoded = []
     for ex in examples:
         enc = encode_example(task, ex, tokenizer, instruction=system.instruction,
                              num_virtual_tokens=p + reserve, max_length=max_length,
-                             with_target=with_target)
+                             with_target=with_target, wrap=wrap)
         if enc is None:
             raise SoftPromptError(f"example {ex.id}: does not fit in --max-length {max_length}; "
                                   f"raise it")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -286,17 +287,25 @@ def adds_bos(tokenizer) -> bool:
 
 def encode_example(task: Task, example: Example, tokenizer, *, instruction: str = "",
                    num_virtual_tokens: int = 0, max_length: int | None = None,
-                   with_target: bool = True) -> Encoded | None:
+                   with_target: bool = True,
+                   wrap: Callable[[str], str] | None = None) -> Encoded | None:
     """Tokenize one example, cutting ``task.truncate_field`` (never the target) to fit.
 
     The budget is ``max_length - num_virtual_tokens``. Returns None when even an empty source
-    leaves no room (the target alone is too long).
+    leaves no room (the target alone is too long). ``wrap`` rewrites the rendered input before
+    tokenization (e.g. a chat template, which carries its own special tokens).
     """
+
+    def tokenize(text: str) -> list[int]:
+        if wrap is None:
+            return tokenizer(text).input_ids
+        return tokenizer(wrap(text), add_special_tokens=False).input_ids
+
     target_ids: list[int] = []
     if with_target:
         target_ids = tokenizer(" " + example.target, add_special_tokens=False).input_ids
         target_ids.append(tokenizer.eos_token_id)
-    input_ids = tokenizer(render_input(task, example, instruction)).input_ids
+    input_ids = tokenize(render_input(task, example, instruction))
     if max_length is None:
         return Encoded(input_ids, target_ids)
     budget = max_length - num_virtual_tokens - len(target_ids)
@@ -311,8 +320,8 @@ def encode_example(task: Task, example: Example, tokenizer, *, instruction: str 
     keep = len(field_ids) - (len(input_ids) - budget)
     while keep > 0:
         text = tokenizer.decode(field_ids[:keep]).rstrip()
-        input_ids = tokenizer(render_input(task, example, instruction,
-                                           {**example.fields, name: text})).input_ids
+        input_ids = tokenize(render_input(task, example, instruction,
+                                          {**example.fields, name: text}))
         if len(input_ids) <= budget:
             return Encoded(input_ids, target_ids, truncated=True)
         keep -= max(1, len(input_ids) - budget)
