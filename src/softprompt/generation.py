@@ -101,7 +101,7 @@ def generate(model, tokenizer, texts: list[str] | list[list[int]],
         next_pos = positions[:, -1:] + 1  # [B, 1]
         generated: list[list[int]] = [[] for _ in rows]
         active = list(range(bsz))  # batch rows still decoding; logits has one row for each
-        for _ in range(cfg.max_new_tokens):
+        for step in range(cfg.max_new_tokens):
             tokens = _next_tokens(logits, cfg, gen)  # [A]
             keep = []
             for j, tok in enumerate(tokens.tolist()):
@@ -113,7 +113,7 @@ def generate(model, tokenizer, texts: list[str] | list[list[int]],
                         tokenizer.decode(generated[i]), stop)[1]:
                     continue
                 keep.append(j)
-            if not keep:
+            if not keep or step == cfg.max_new_tokens - 1:  # no forward whose logits go unread
                 break
             if len(keep) < len(active):  # finished rows leave the batch: no compute on them
                 index = torch.tensor(keep, device=device)

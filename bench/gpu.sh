@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Benchmarks 1 (training throughput, with 2: step / forward) and 3 (evaluation throughput)
+# against PEFT on one NVIDIA GPU, with a GPT-2-small-sized model in bfloat16.
+#
+#   bash bench/gpu.sh            # from the repository root, on the GPU machine
+#
+# Python: uses $PYTHON (default python3) when it already imports torch with CUDA,
+# transformers, peft and softprompt; otherwise makes a virtual environment in $VENV (default
+# /tmp/softprompt-gpu-venv) and pip-installs them from PyPI (the default Linux torch wheel
+# carries CUDA). The model is GPT2Config() with random weights (GPT-2 small's shapes; no hub
+# access needed); TOKENIZER=gpt2 uses GPT-2's real tokenizer where the hub or a local cache
+# has it, otherwise a byte-level BPE is trained locally on the summarization training data.
+# The data is read from $SOFTPROMPT_DATA (default ../shared/data next to the repository).
+# Results go to bench/out/gpu-*.json; the whole script takes a few minutes on an H100/H200.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-/tmp/softprompt-gpu-venv}
+MODEL_DIR=${MODEL_DIR:-/tmp/softprompt-gpt2-small}
+TOKENIZER=${TOKENIZER:-local}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-$([ "$TOKENIZER" = gpt2 ] && echo 0 || echo 1)}
+
+ready() {
+  "$1" - <<'EOF' 2>/dev/null
+import torch, transformers, peft, softprompt
+assert torch.cuda.is_available(), "no CUDA device"
+EOF
+}
+
+# 1. An environment with CUDA torch, transformers, peft and this package.
+if ready "$PYTHON"; then
+  PY=$PYTHON
+elif [ -x "$VENV/bin/python" ] && ready "$VENV/bin/python"; then
+  PY=$VENV/bin/python
+else
+  echo "setting up $VENV from PyPI" >&2
+  "$PYTHON" -m venv "$VENV"
+  PY=$VENV/bin/python
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q torch
+  "$PY" -m pip install -q -e ".[bench]"
+  ready "$PY" || { echo "torch cannot see a CUDA device" >&2; exit 1; }
+fi
+"$PY" - <<'EOF'
+import torch, transformers, peft
+print(f"GPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, "
+      f"transformers {transformers.__version__}, peft {peft.__version__}")
+EOF
+
+# 2. GPT-2 small, random weights, bfloat16 at load time.
+[ -f "$MODEL_DIR/config.json" ] || "$PY" bench/make_gpt2.py "$MODEL_DIR" --tokenizer "$TOKENIZER"
+COMMON=(--model "$MODEL_DIR" --device cuda --dtype bfloat16)
+
+# 3. Benchmark 1 (+2): 256 training examples (first of train.jsonl), batch 8, up to 512 text
+#    tokens + 20 virtual tokens, 3 timed epochs per method, steps interleaved.
+"$PY" bench/train_throughput.py "${COMMON[@]}" --examples 256 --batch-size 8 --max-tokens 512 \
+  --reps 3 --step-reps 10 --out bench/out/gpu-train.json
+
+# 4. Benchmark 3: 64 test inputs of at most 512 tokens, batch 16, 60 new tokens, greedy.
+"$PY" bench/eval_throughput.py "${COMMON[@]}" --examples 64 --batch-size 16 --max-tokens 512 \
+  --max-new-tokens 60 --reps 3 --identity-examples 4 --out bench/out/gpu-eval.json
+
+"$PY" - <<'EOF'
+import json
+t = json.load(open("bench/out/gpu-train.json"))
+e = json.load(open("bench/out/gpu-eval.json"))["eval_throughput"]
+tr, st = t["train_throughput"], t["step_over_forward"]
+print("\n=== GPU summary (GPT-2 small, bf16) ===")
+print(f"1 training: ours {tr['ours']['target_tokens_per_s']:.0f} target tok/s, PEFT "
+      f"{tr['peft']['target_tokens_per_s']:.0f} target tok/s -> {tr['ratio']:.2f}x "
+      f"(goal >= {tr['goal']}) {tr['verdict']}")
+print(f"2 step / forward: {st['ratio']:.2f} (goal <= {st['goal']}) {st['verdict']}; "
+      f"PEFT {st['peft_ratio']:.2f}")
+for name, rate in e["examples_per_s"].items():
+    extra = f", {e['new_tokens_per_s'][name]:.0f} new tok/s" if "new_tokens_per_s" in e else ""
+    print(f"3 eval {name}: {rate:.2f} ex/s{extra}")
+print(f"3 eval ratio vs {e['judged_against']}: {e['ratio']:.2f}x (goal >= {e['goal']}) "
+      f"{e['verdict']}")
+EOF

@@ -1,0 +1,117 @@
+"""Run the four PEFT comparison benchmarks and summarise them: ``python bench/run_all.py``.
+
+Each benchmark runs in its own process (bench/train_throughput.py for 1 and 2,
+bench/eval_throughput.py for 3, bench/memory.py for 4, which starts one more process per
+method), prints its measurements and ratio, and writes bench/out/<name>.json; this script
+then prints every ratio with its goal and PASS/FAIL and writes bench/out/results.json.
+About 10 minutes on a 2-core CPU; ``--quick`` is a smoke test with smaller sizes (its
+ratios are not the benchmark's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+QUICK = {
+    "train_throughput.py": ["--examples", "8", "--reps", "1", "--step-reps", "1",
+                            "--max-tokens", "64", "--target-tokens", "16"],
+    "eval_throughput.py": ["--examples", "4", "--batch-size", "2", "--max-new-tokens", "4",
+                           "--reps", "1", "--identity-examples", "1"],
+    "memory.py": ["--batch-size", "2", "--max-tokens", "64", "--target-tokens", "16"],
+}
+
+
+def run(script: str, out: Path, extra: list[str]) -> tuple[dict, float, str]:
+    cmd = [sys.executable, str(HERE / script), "--out", str(out), *extra]
+    shown = "python bench/" + script + "".join(" " + shlex.quote(a) for a in extra)
+    common.say(f"\n$ {shown}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        sys.exit(f"{script} failed (exit {proc.returncode})")
+    return json.loads(out.read_text(encoding="utf-8")), time.perf_counter() - t0, shown
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the scripts run")
+    p.add_argument("--no-checkpointing", action="store_true",
+                   help="skip the extra memory run of ours with gradient checkpointing")
+    args = p.parse_args()
+    out = common.OUT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    machine = common.machine()
+    common.say(f"machine: {machine['cpu']} ({machine['cpu_count']} CPUs, torch threads "
+               f"{machine['torch_threads']}, OMP_WAIT_POLICY={machine['omp_wait_policy']}), "
+               f"torch {machine['torch']}, transformers {machine['transformers']}, peft "
+               f"{machine['peft']}; load average {machine['load_average_at_start']}")
+
+    def extra(script: str, more: list[str] | None = None) -> list[str]:
+        return (QUICK[script] if args.quick else []) + (more or [])
+
+    train, t_train, c_train = run("train_throughput.py", out / "train.json",
+                                  extra("train_throughput.py"))
+    evals, t_eval, c_eval = run("eval_throughput.py", out / "eval.json",
+                                extra("eval_throughput.py"))
+    memory, t_mem, c_mem = run("memory.py", out / "memory.json",
+                               extra("memory.py", [] if args.no_checkpointing
+                                     else ["--checkpointing"]))
+
+    figures = {
+        "1_training_throughput": (train["train_throughput"], c_train, t_train,
+                                  "ours / PEFT target tokens per second", ">="),
+        "2_step_over_forward": (train["step_over_forward"], c_train, t_train,
+                                "our step time / no-grad forward time", "<="),
+        "3_eval_throughput": (evals["eval_throughput"], c_eval, t_eval,
+                              "ours / PEFT examples per second (identical outputs)", ">="),
+        "4_step_peak_memory": (memory["memory"], c_mem, t_mem,
+                               "ours / PEFT peak RSS increase of one step", "<="),
+    }
+    results = {"command": "python bench/run_all.py" + (" --quick" if args.quick else ""),
+               "quick": args.quick, "machine": machine,
+               "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+               "seconds": round(time.perf_counter() - t0, 1), "figures": {}}
+    common.say("\n=== summary " + ("(--quick: smoke-test sizes, not the benchmark) " if args.quick
+                                  else "") + "=" * 40)
+    for key, (res, cmd, secs, what, sign) in figures.items():
+        results["figures"][key] = {"what": what, "ratio": round(res["ratio"], 3),
+                                   "goal": f"{sign} {res['goal']}", "verdict": res["verdict"],
+                                   "command": cmd, "script_seconds": round(secs, 1),
+                                   "details": res}
+        common.say(f"{key:24s} {res['ratio']:6.2f}  goal {sign} {res['goal']:<4}  "
+                   f"{res['verdict']}   ({what})")
+    extra_lines = []
+    ev = evals["eval_throughput"]
+    for name, base in ev["baselines"].items():
+        extra_lines.append(f"  eval vs {name}: {base['ratio']:.2f}x, identical "
+                           f"{base['identical']['all_rows'][0]}/{base['identical']['all_rows'][1]}"
+                           f" rows, {base['identical']['batch_size_1'][0]}/"
+                           f"{base['identical']['batch_size_1'][1]} at batch size 1")
+    if "ratio_with_checkpointing" in memory["memory"]:
+        extra_lines.append(f"  memory with --gradient-checkpointing: "
+                           f"{memory['memory']['ratio_with_checkpointing']:.2f} of PEFT")
+    extra_lines.append(f"  PEFT step / no-grad forward: "
+                       f"{train['step_over_forward']['peft_ratio']:.2f}")
+    for line in extra_lines:
+        common.say(line)
+    results["notes"] = [line.strip() for line in extra_lines]
+    common.write_json(out / "results.json", results)
+    common.say(f"wrote {out / 'results.json'} ({results['seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

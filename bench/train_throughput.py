@@ -1,0 +1,274 @@
+"""Benchmarks 1 and 2: training throughput against PEFT, and step time / plain forward time.
+
+1. One epoch over a fixed subset of summarization/train.jsonl (the first N records), per
+   method, repeated; steps of the two methods interleaved.
+   * ours: the training loop's own step (softprompt.train): ``step_order`` (length-grouped
+     batches, so each batch is padded only to its own longest row), ``collate`` (left
+     padding), ``prompted_batch`` + ``target_loss`` (logits only at target positions),
+     ``(loss_sum / n_targets).backward()``, gradient clipping at 1.0, Adam.
+   * PEFT: ``get_peft_model(model, PromptTuningConfig(CAUSAL_LM, P))`` and a plain
+     ``DataLoader(shuffle=True)`` whose collate right-pads each random batch to its longest
+     row with labels -100 on input and pads; ``model(input_ids, attention_mask,
+     labels).loss.backward()``, the same clipping, Adam with the same lr.
+   Same examples, encoding (encode_dataset, ``max_length = P + T``), batch size, prompt
+   length, initial prompt tensor.
+2. On one fixed batch of B rows x T real tokens (no padding; the last K tokens of each row are
+   the target): our step time divided by a plain no-grad forward of the same B x T token batch
+   through the frozen model with full logits (PEFT's ratio printed for context).
+
+Usage: python bench/train_throughput.py [--model smollm2-135m] [--device cpu] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+from common import say  # noqa: E402
+
+GOAL_THROUGHPUT = 1.5  # ours / PEFT, higher is better
+GOAL_STEP_RATIO = 2.2  # our step / no-grad forward, lower is better
+
+
+class Ours:
+    """The step of softprompt.train, minus logging and checkpoints."""
+
+    def __init__(self, model, tokenizer, prompt: torch.Tensor, device):
+        from softprompt.prompt import SoftPrompt
+        from softprompt.tasks import adds_bos
+
+        self.model, self.device = model, device
+        self.pad = tokenizer.pad_token_id
+        self.bos_offset = int(adds_bos(tokenizer))
+        self.soft = SoftPrompt(prompt.detach().float()).to(device)
+        self.opt = torch.optim.Adam(self.soft.parameters(), lr=common.LR)
+
+    def step(self, rows: list[tuple[list[int], list[int]]]) -> float:
+        from softprompt.batching import collate
+        from softprompt.inputs import prompted_batch, target_loss
+
+        self.opt.zero_grad(set_to_none=False)  # as softprompt.train does
+        n_targets = sum(sum(1 for x in lab if x != -100) for _, lab in rows)
+        batch = collate(rows, self.pad, self.device)
+        merged = prompted_batch(self.model, self.soft(), batch["input_ids"],
+                                batch["attention_mask"], batch["labels"], self.bos_offset)
+        loss_sum, _ = target_loss(self.model, merged)
+        loss = loss_sum / n_targets
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.soft.parameters(), 1.0)
+        self.opt.step()
+        return loss.item()
+
+
+def right_pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """The collate a PEFT user writes: right-pad to the batch's longest row, labels -100."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, :len(lab)] = torch.tensor(lab)
+        mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+class Peft:
+    """PEFT prompt tuning, trained the natural way."""
+
+    def __init__(self, model, tokenizer, prompt: torch.Tensor, device):
+        self.pm = common.peft_model(model, prompt)
+        self.device, self.pad = device, tokenizer.pad_token_id
+        self.params = [p for p in self.pm.parameters() if p.requires_grad]
+        assert len(self.params) == 1, "PEFT prompt tuning should train only its prompt"
+        self.opt = torch.optim.Adam(self.params, lr=common.LR)
+
+    def loader(self, rows, batch_size: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=True,
+                                           generator=gen,
+                                           collate_fn=lambda b: right_pad(b, self.pad))
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        loss = self.pm(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return loss.item()
+
+
+def bench_train(model, tokenizer, task, args) -> dict:
+    """Benchmark 1: an epoch over the subset, ours vs PEFT, steps interleaved."""
+    from softprompt.batching import step_order
+    from softprompt.train import encode_dataset
+
+    records = common.read_subset(common.TRAIN_FILE, args.examples)
+    max_length = common.NUM_VIRTUAL_TOKENS + args.max_tokens
+    data = encode_dataset(task, records, tokenizer, common.NUM_VIRTUAL_TOKENS, max_length,
+                          "training")
+    rows = data.rows
+    lengths = [len(ids) for ids, _ in rows]
+    n_targets = sum(sum(1 for x in lab if x != -100) for _, lab in rows)
+    prompt = common.our_prompt(model, tokenizer, task).embeddings.detach()
+    ours = Ours(model, tokenizer, prompt, args.device)
+    peft = Peft(model, tokenizer, prompt, args.device)
+    say(f"[1] training throughput: {len(rows)} examples (first {args.examples} of "
+        f"{common.TRAIN_FILE.name}, {data.truncated} truncated to {args.max_tokens} tokens), "
+        f"{n_targets} target tokens, batch {args.batch_size}, P={common.NUM_VIRTUAL_TOKENS}, "
+        f"Adam lr={common.LR}")
+
+    # Warm-up: one step each (first-call allocations, kernel selection).
+    ours.step([rows[i] for i in range(min(args.batch_size, len(rows)))])
+    peft.step(right_pad(rows[:args.batch_size], tokenizer.pad_token_id))
+
+    times = {"ours": [], "peft": []}
+    padded = {"ours": 0, "peft": 0}
+    for rep in range(args.reps):
+        our_steps = step_order(lengths, args.batch_size, seed=0, epoch=rep)
+        peft_batches = list(peft.loader(rows, args.batch_size, seed=rep))
+        assert len(our_steps) == len(peft_batches)
+        total = {"ours": 0.0, "peft": 0.0}
+        for k, (indices, batch) in enumerate(zip(our_steps, peft_batches, strict=True)):
+            step_rows = [rows[i] for i in indices]
+            fns = {"ours": lambda r=step_rows: ours.step(r), "peft": lambda b=batch: peft.step(b)}
+            order = ["ours", "peft"] if (rep + k) % 2 == 0 else ["peft", "ours"]
+            for name in order:
+                total[name] += common.timed(fns[name], args.device)
+            if rep == 0:
+                padded["ours"] += len(step_rows) * max(len(r[0]) for r in step_rows)
+                padded["peft"] += batch["input_ids"].numel()
+        for name in total:
+            times[name].append(total[name])
+        say(f"  epoch {rep + 1}/{args.reps}: ours {total['ours']:.2f}s, "
+            f"PEFT {total['peft']:.2f}s ({total['peft'] / total['ours']:.2f}x)")
+
+    ratio = common.paired_ratio(times["peft"], times["ours"])
+    result = {
+        "examples": len(rows), "target_tokens": n_targets, "real_tokens": sum(lengths),
+        "batch_size": args.batch_size, "max_tokens": args.max_tokens,
+        "num_virtual_tokens": common.NUM_VIRTUAL_TOKENS, "steps_per_epoch": math.ceil(
+            len(rows) / args.batch_size), "epochs_timed": args.reps,
+        "batching": {"ours": "softprompt.batching.step_order (length-grouped) + collate "
+                             "(left-pad to the batch's longest row)",
+                     "peft": "DataLoader(shuffle=True), right-pad to the batch's longest row"},
+        "padded_tokens_per_epoch": padded,
+        "seconds_per_epoch": times,
+        "ours": {"target_tokens_per_s": n_targets / common.median(times["ours"]),
+                 "examples_per_s": len(rows) / common.median(times["ours"])},
+        "peft": {"target_tokens_per_s": n_targets / common.median(times["peft"]),
+                 "examples_per_s": len(rows) / common.median(times["peft"])},
+        "ratio": ratio, "goal": GOAL_THROUGHPUT, "higher_is_better": True,
+        "verdict": common.verdict(ratio, GOAL_THROUGHPUT, True),
+    }
+    say(f"  ours {result['ours']['target_tokens_per_s']:.1f} target tok/s "
+        f"({result['ours']['examples_per_s']:.2f} ex/s), PEFT "
+        f"{result['peft']['target_tokens_per_s']:.1f} target tok/s "
+        f"({result['peft']['examples_per_s']:.2f} ex/s); padded tokens/epoch ours "
+        f"{padded['ours']}, PEFT {padded['peft']}")
+    say(f"  RATIO training throughput ours/PEFT = {ratio:.2f}x (goal >= {GOAL_THROUGHPUT}x) "
+        f"{result['verdict']}")
+    return result
+
+
+def fixed_batch(tokenizer, task, rows_n: int, tokens: int, targets: int, offset: int = 0):
+    """``rows_n`` rows of exactly ``tokens`` real tokens, the last ``targets`` labelled.
+
+    Each row is consecutive training examples (input + target ids) joined and cut, so the
+    tokens are real text; no padding anywhere.
+    """
+    from softprompt.tasks import encode_example, make_examples
+
+    records = common.read_subset(common.TRAIN_FILE, offset + 50 * rows_n)[offset:]
+    stream: list[int] = []
+    for ex in make_examples(task, records):
+        enc = encode_example(task, ex, tokenizer)
+        stream.extend(enc.input_ids + enc.target_ids)
+        if len(stream) >= rows_n * tokens:
+            break
+    assert len(stream) >= rows_n * tokens, "not enough text for the fixed batch"
+    rows = []
+    for r in range(rows_n):
+        ids = stream[r * tokens:(r + 1) * tokens]
+        rows.append((ids, [-100] * (tokens - targets) + ids[tokens - targets:]))
+    return rows
+
+
+def bench_step_ratio(model, tokenizer, task, args) -> dict:
+    """Benchmark 2: step time / plain no-grad forward time on one fixed batch."""
+    rows = fixed_batch(tokenizer, task, args.batch_size, args.max_tokens, args.target_tokens)
+    prompt = common.our_prompt(model, tokenizer, task).embeddings.detach()
+    ours = Ours(model, tokenizer, prompt, args.device)
+    peft = Peft(model, tokenizer, prompt, args.device)
+    peft_batch = right_pad(rows, tokenizer.pad_token_id)  # no pads: every row is full
+    ids = peft_batch["input_ids"].to(args.device)
+    mask = peft_batch["attention_mask"].to(args.device)
+
+    @torch.no_grad()
+    def forward():
+        return model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
+
+    # Same prompt, same batch, before any update: the two losses must agree.
+    loss_ours, loss_peft = ours.step(rows), peft.step(peft_batch)
+    say(f"[2] step / forward on {args.batch_size} x {args.max_tokens} tokens "
+        f"({args.target_tokens} target tokens per row, P={common.NUM_VIRTUAL_TOKENS}); "
+        f"first-step loss ours {loss_ours:.5f} vs PEFT {loss_peft:.5f}")
+    forward()
+    times = common.interleaved({"ours_step": lambda: ours.step(rows),
+                                "peft_step": lambda: peft.step(peft_batch),
+                                "forward": forward}, args.step_reps, args.device, say)
+    ratio = common.paired_ratio(times["ours_step"], times["forward"])
+    peft_ratio = common.paired_ratio(times["peft_step"], times["forward"])
+    result = {
+        "batch": [args.batch_size, args.max_tokens], "target_tokens_per_row": args.target_tokens,
+        "num_virtual_tokens": common.NUM_VIRTUAL_TOKENS, "reps": args.step_reps,
+        "first_step_loss": {"ours": loss_ours, "peft": loss_peft},
+        "seconds": times, "median_seconds": {k: common.median(v) for k, v in times.items()},
+        "forward": "model(input_ids, attention_mask).logits under no_grad, full [B, T, V] "
+                   "logits, no prompt",
+        "ratio": ratio, "peft_ratio": peft_ratio, "goal": GOAL_STEP_RATIO,
+        "higher_is_better": False, "verdict": common.verdict(ratio, GOAL_STEP_RATIO, False),
+    }
+    say(f"  median: our step {result['median_seconds']['ours_step']:.2f}s, PEFT step "
+        f"{result['median_seconds']['peft_step']:.2f}s, forward "
+        f"{result['median_seconds']['forward']:.2f}s")
+    say(f"  RATIO our step / no-grad forward = {ratio:.2f} (goal <= {GOAL_STEP_RATIO}) "
+        f"{result['verdict']}  [PEFT step / forward = {peft_ratio:.2f}]")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--examples", type=int, default=16, help="training subset size (bench 1)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=256, help="text tokens per row (+P)")
+    p.add_argument("--target-tokens", type=int, default=40, help="targets per row (bench 2)")
+    p.add_argument("--reps", type=int, default=3, help="timed epochs per method (bench 1)")
+    p.add_argument("--step-reps", type=int, default=5, help="timed steps per method (bench 2)")
+    p.add_argument("--only", choices=["train", "step"], default=None)
+    p.add_argument("--out", type=Path, default=common.OUT_DIR / "train.json")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model, tokenizer, task = common.load(args.model, args.dtype, args.device)
+    result: dict = {"model": args.model, "dtype": args.dtype, "device": args.device,
+                    "machine": common.machine()}
+    if args.only in (None, "train"):
+        result["train_throughput"] = bench_train(model, tokenizer, task, args)
+    if args.only in (None, "step"):
+        result["step_over_forward"] = bench_step_ratio(model, tokenizer, task, args)
+    common.write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
