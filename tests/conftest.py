@@ -19,7 +19,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(1)  # tiny models gain nothing from threads; on a busy CPU they cost
 
 SAMPLES = Path(__file__).resolve().parents[1] / "src" / "softprompt" / "samples"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _corpus() -> list[str]:
