@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -76,6 +75,7 @@ def run_task(name: str, out_dir: Path, limit: int | None, train_limit: int | Non
             "samples": {k: v[:3] for k, v in comp.predictions.items()}}
 
 
+DEFAULT_TASKS = "translation,qa,summarization"
 PRIMARY_NAMES = {"rougeL": "ROUGE-L", "f1": "F1", "chrf": "chrF"}
 TASK_TITLES = {"summarization": "Summarization (DialogSum)",
                "qa": "Question answering (SQuAD v1.1)",
@@ -155,7 +155,7 @@ def write_results_md(out: Path, path: Path = ROOT / "RESULTS.md") -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default="translation,qa,summarization")
+    ap.add_argument("--tasks", default=DEFAULT_TASKS)
     ap.add_argument("--limit", type=int, default=None, help="test examples per task")
     ap.add_argument("--train-limit", type=int, default=None, help="training examples per task")
     ap.add_argument("--out", default=str(ROOT / "results-output"))
@@ -174,7 +174,10 @@ def main() -> None:
         if args.reuse and previous.is_file():  # keep the wall time of the original run
             result["wall_seconds"] += json.loads(previous.read_text())["wall_seconds"]
         result["machine"] = machine()
-        result["command"] = "python " + " ".join(sys.argv)
+        # The command that reproduces it from scratch (--reuse only skips finished work).
+        result["command"] = " ".join(["python bench/results.py",
+                                      *(["--tasks", name] if args.tasks != DEFAULT_TASKS else []),
+                                      *(["--limit", str(args.limit)] if args.limit else [])])
         result["date"] = time.strftime("%Y-%m-%d")
         (out / name).mkdir(parents=True, exist_ok=True)
         (out / name / "result.json").write_text(json.dumps(result, indent=1))
