@@ -155,3 +155,19 @@ def test_bundled_cache_location_follows_the_environment(monkeypatch, tmp_path):
     assert models.cache_dir() == tmp_path
     monkeypatch.delenv("SOFTPROMPT_CACHE")
     assert models.cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "softprompt"
+
+
+def test_unknown_hub_id_without_a_hub_is_one_clear_error(monkeypatch):
+    """No hub reachable (its address points at a closed port on loopback): no minute of
+    retries, one line that says how to use a local directory."""
+    import time
+
+    from softprompt.errors import SoftPromptError
+    from softprompt.models import load_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1")
+    start = time.monotonic()
+    with pytest.raises(SoftPromptError, match=r"not reachable.*--model \./models/"):
+        load_model("no-such-org/no-such-model")
+    assert time.monotonic() - start < 20

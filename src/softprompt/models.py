@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -86,22 +88,28 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None,
 
     Args:
         name: bundled alias, local directory, or Hugging Face model id.
-        dtype: weights dtype (default float32 on CPU, the checkpoint's otherwise).
+        dtype: weights dtype (default float32).
         device: where to put the model (default CPU).
     """
     path = resolve(name)
     is_local = Path(path).is_dir()
     if not is_local and (Path(path).exists() or path.startswith((".", "/"))):
         raise SoftPromptError(f"--model {name!r} is not a model directory (no config.json)")
+    # Without a reachable hub, look only in the local Hugging Face cache: no minute of retries.
+    offline = not is_local and not _hub_reachable()
     try:
         with _no_progress_bars():  # a CLI error after loading stays one line on stderr
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype or torch.float32, trust_remote_code=False
+                path, dtype=dtype or torch.float32, trust_remote_code=False,
+                local_files_only=offline,
             )
     except OSError as exc:
         if is_local:
             raise SoftPromptError(f"--model {name!r}: cannot load it "
+                                  f"({_first_line(exc)})") from None
+        if not offline:
+            raise SoftPromptError(f"--model {name!r}: cannot load it from the Hugging Face hub "
                                   f"({_first_line(exc)})") from None
         raise SoftPromptError(
             f"--model {name!r} was not found locally and the Hugging Face hub is not reachable; "
@@ -128,6 +136,18 @@ def _no_progress_bars() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we open a connection to the hub? False at once where offline mode is set."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _first_line(exc: BaseException) -> str:
