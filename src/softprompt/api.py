@@ -19,9 +19,9 @@ from softprompt import generation, models
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
 from softprompt.data import read_records
 from softprompt.errors import SoftPromptError
-from softprompt.prompt import check_hidden_size, load_prompt_tensor, prompt_exists
+from softprompt.prompt import check_hidden_size, load_prompt_tensor
 from softprompt.tasks import Task, get_task, make_example, render_input
-from softprompt.train import TrainResult
+from softprompt.train import TrainResult, check_output_dir
 from softprompt.train import train as _train
 
 
@@ -55,9 +55,7 @@ def train(task: str | Task, train: str | Path, output: str | Path, *,
     for records in (train_records, val_records or []):
         for i, rec in enumerate(records):
             make_example(task_obj, rec, i)
-    if prompt_exists(output) and not (overwrite or resume):
-        raise SoftPromptError(f"{output} already holds a prompt; pass --overwrite to replace it "
-                              f"or --resume to continue training")
+    check_output_dir(output, overwrite, resume)
     lm, tokenizer = loaded or models.load_model(model, device=_device())
     return _train(lm, tokenizer, task_obj, train_records, output,
                   validation_records=val_records, prompt_config=pcfg, train_config=tcfg,

@@ -83,12 +83,8 @@ def load(path: Path) -> Checkpoint:
                 raise ValueError(f"{name} checksum mismatch")
         tensors = load_file(str(path / TENSORS_FILE))
         return Checkpoint(int(meta["step"]), tensors, meta["state"], path)
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+    except Exception as exc:  # missing files, bad JSON, safetensors' own error types
         raise ValueError(f"{type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # safetensors' own errors
-        if isinstance(exc, ValueError):
-            raise
-        raise ValueError(str(exc)) from None
 
 
 def latest(output_dir: Path) -> Checkpoint | None:

@@ -150,7 +150,3 @@ def read_records(source: str | Path, split: str | None = None,
         raise SoftPromptError(f"{source}: no records found; the dataset is empty")
     return records[:limit] if limit else records
 
-
-def samples_dir() -> Path:
-    """The sample datasets shipped with the package (written by us, MIT)."""
-    return Path(__file__).parent / "samples"

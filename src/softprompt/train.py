@@ -77,6 +77,16 @@ def encode_dataset(task: Task, records: list[dict], tokenizer, num_virtual_token
     return _Data(rows, truncated, skipped)
 
 
+def check_output_dir(out: str | Path, overwrite: bool, resume: bool) -> None:
+    """Refuse a file, or a directory that already holds a prompt (unless told otherwise)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SoftPromptError(f"--output {out} is a file; give a directory")
+    if prompt_exists(out) and not (overwrite or resume):
+        raise SoftPromptError(f"{out} already holds a prompt; pass --overwrite to replace it or "
+                              f"--resume to continue training")
+
+
 def distributed_state():
     """Accelerate's process state: one process, or one of several under ``accelerate launch``
     / ``torchrun``. Without CUDA the processes talk over gloo on the CPU."""
@@ -198,11 +208,7 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
     device = model.device
 
     # 1. Validate everything before touching the output directory: bad input loses nothing.
-    if out.exists() and not out.is_dir():
-        raise SoftPromptError(f"--output {out} is a file; give a directory")
-    if prompt_exists(out) and not (overwrite or resume):
-        raise SoftPromptError(f"{out} already holds a prompt; pass --overwrite to replace it or "
-                              f"--resume to continue training")
+    check_output_dir(out, overwrite, resume)
     records = train_records[: cfg.max_train_examples] if cfg.max_train_examples else train_records
     train_data = encode_dataset(task, records, tokenizer, pcfg.num_virtual_tokens,
                                 cfg.max_length, "training")
