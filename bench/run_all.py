@@ -27,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 
 QUICK = {
     "train_throughput.py": ["--examples", "8", "--reps", "1", "--step-reps", "1",
-                            "--max-tokens", "64", "--target-tokens", "16"],
+                            "--max-tokens", "64", "--also-max-tokens", "32",
+                            "--step-tokens", "64", "--target-tokens", "16"],
     "eval_throughput.py": ["--examples", "4", "--batch-size", "2", "--max-new-tokens", "4",
                            "--reps", "1", "--identity-examples", "1"],
     "memory.py": ["--batch-size", "2", "--max-tokens", "64", "--target-tokens", "16"],
@@ -104,6 +105,10 @@ def main() -> None:
     if "ratio_with_checkpointing" in memory["memory"]:
         extra_lines.append(f"  memory with --gradient-checkpointing: "
                            f"{memory['memory']['ratio_with_checkpointing']:.2f} of PEFT")
+    also = train["train_throughput"].get("also")
+    if also:
+        extra_lines.append(f"  training throughput with rows cut to {also['max_tokens']} "
+                           f"tokens: {also['ratio']:.2f}x")
     extra_lines.append(f"  PEFT step / no-grad forward: "
                        f"{train['step_over_forward']['peft_ratio']:.2f}")
     for line in extra_lines:

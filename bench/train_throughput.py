@@ -3,8 +3,8 @@
 1. One epoch over a fixed subset of summarization/train.jsonl (the first N records), per
    method, repeated; steps of the two methods interleaved.
    * ours: the training loop's own step (softprompt.train): ``step_order`` (length-grouped
-     batches, so each batch is padded only to its own longest row), ``collate`` (left
-     padding), ``prompted_batch`` + ``target_loss`` (logits only at target positions),
+     batches, so each batch is padded only to its own longest row), ``rows_loss`` (right
+     padding, so causal attention needs no mask; logits only at target positions),
      ``(loss_sum / n_targets).backward()``, gradient clipping at 1.0, Adam.
    * PEFT: ``get_peft_model(model, PromptTuningConfig(CAUSAL_LM, P))`` and a plain
      ``DataLoader(shuffle=True)`` whose collate right-pads each random batch to its longest
@@ -41,24 +41,17 @@ class Ours:
 
     def __init__(self, model, tokenizer, prompt: torch.Tensor, device):
         from softprompt.prompt import SoftPrompt
-        from softprompt.tasks import adds_bos
 
-        self.model, self.device = model, device
-        self.pad = tokenizer.pad_token_id
-        self.bos_offset = int(adds_bos(tokenizer))
+        self.model, self.tokenizer, self.device = model, tokenizer, device
         self.soft = SoftPrompt(prompt.detach().float()).to(device)
         self.opt = torch.optim.Adam(self.soft.parameters(), lr=common.LR)
 
     def step(self, rows: list[tuple[list[int], list[int]]]) -> float:
-        from softprompt.batching import collate
-        from softprompt.inputs import prompted_batch, target_loss
+        from softprompt.train import rows_loss
 
         self.opt.zero_grad(set_to_none=False)  # as softprompt.train does
-        n_targets = sum(sum(1 for x in lab if x != -100) for _, lab in rows)
-        batch = collate(rows, self.pad, self.device)
-        merged = prompted_batch(self.model, self.soft(), batch["input_ids"],
-                                batch["attention_mask"], batch["labels"], self.bos_offset)
-        loss_sum, _ = target_loss(self.model, merged)
+        loss_sum, n_targets = rows_loss(self.model, self.soft(), rows, self.tokenizer,
+                                        self.device)
         loss = loss_sum / n_targets
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.soft.parameters(), 1.0)
@@ -105,13 +98,16 @@ class Peft:
         return loss.item()
 
 
-def bench_train(model, tokenizer, task, args) -> dict:
-    """Benchmark 1: an epoch over the subset, ours vs PEFT, steps interleaved."""
+def bench_train(model, tokenizer, task, args, max_tokens: int, label: str = "[1]") -> dict:
+    """Benchmark 1: an epoch over the subset, ours vs PEFT, steps interleaved.
+
+    ``max_tokens`` caps each row's text tokens (the trainer's ``max_length`` is ``P`` more).
+    """
     from softprompt.batching import step_order
     from softprompt.train import encode_dataset
 
     records = common.read_subset(common.TRAIN_FILE, args.examples)
-    max_length = common.NUM_VIRTUAL_TOKENS + args.max_tokens
+    max_length = common.NUM_VIRTUAL_TOKENS + max_tokens
     data = encode_dataset(task, records, tokenizer, common.NUM_VIRTUAL_TOKENS, max_length,
                           "training")
     rows = data.rows
@@ -120,8 +116,9 @@ def bench_train(model, tokenizer, task, args) -> dict:
     prompt = common.our_prompt(model, tokenizer, task).embeddings.detach()
     ours = Ours(model, tokenizer, prompt, args.device)
     peft = Peft(model, tokenizer, prompt, args.device)
-    say(f"[1] training throughput: {len(rows)} examples (first {args.examples} of "
-        f"{common.TRAIN_FILE.name}, {data.truncated} truncated to {args.max_tokens} tokens), "
+    say(f"{label} training throughput: {len(rows)} examples (first {args.examples} of "
+        f"{common.TRAIN_FILE.name}, max_length {max_length}: {data.truncated} truncated to "
+        f"{max_tokens} text tokens), "
         f"{n_targets} target tokens, batch {args.batch_size}, P={common.NUM_VIRTUAL_TOKENS}, "
         f"Adam lr={common.LR}")
 
@@ -153,7 +150,8 @@ def bench_train(model, tokenizer, task, args) -> dict:
     ratio = common.paired_ratio(times["peft"], times["ours"])
     result = {
         "examples": len(rows), "target_tokens": n_targets, "real_tokens": sum(lengths),
-        "batch_size": args.batch_size, "max_tokens": args.max_tokens,
+        "batch_size": args.batch_size, "max_tokens": max_tokens, "max_length": max_length,
+        "truncated_examples": data.truncated,
         "num_virtual_tokens": common.NUM_VIRTUAL_TOKENS, "steps_per_epoch": math.ceil(
             len(rows) / args.batch_size), "epochs_timed": args.reps,
         "batching": {"ours": "softprompt.batching.step_order (length-grouped) + collate "
@@ -203,7 +201,7 @@ def fixed_batch(tokenizer, task, rows_n: int, tokens: int, targets: int, offset:
 
 def bench_step_ratio(model, tokenizer, task, args) -> dict:
     """Benchmark 2: step time / plain no-grad forward time on one fixed batch."""
-    rows = fixed_batch(tokenizer, task, args.batch_size, args.max_tokens, args.target_tokens)
+    rows = fixed_batch(tokenizer, task, args.batch_size, args.step_tokens, args.target_tokens)
     prompt = common.our_prompt(model, tokenizer, task).embeddings.detach()
     ours = Ours(model, tokenizer, prompt, args.device)
     peft = Peft(model, tokenizer, prompt, args.device)
@@ -217,7 +215,7 @@ def bench_step_ratio(model, tokenizer, task, args) -> dict:
 
     # Same prompt, same batch, before any update: the two losses must agree.
     loss_ours, loss_peft = ours.step(rows), peft.step(peft_batch)
-    say(f"[2] step / forward on {args.batch_size} x {args.max_tokens} tokens "
+    say(f"[2] step / forward on {args.batch_size} x {args.step_tokens} tokens "
         f"({args.target_tokens} target tokens per row, P={common.NUM_VIRTUAL_TOKENS}); "
         f"first-step loss ours {loss_ours:.5f} vs PEFT {loss_peft:.5f}")
     forward()
@@ -227,7 +225,7 @@ def bench_step_ratio(model, tokenizer, task, args) -> dict:
     ratio = common.paired_ratio(times["ours_step"], times["forward"])
     peft_ratio = common.paired_ratio(times["peft_step"], times["forward"])
     result = {
-        "batch": [args.batch_size, args.max_tokens], "target_tokens_per_row": args.target_tokens,
+        "batch": [args.batch_size, args.step_tokens], "target_tokens_per_row": args.target_tokens,
         "num_virtual_tokens": common.NUM_VIRTUAL_TOKENS, "reps": args.step_reps,
         "first_step_loss": {"ours": loss_ours, "peft": loss_peft},
         "seconds": times, "median_seconds": {k: common.median(v) for k, v in times.items()},
@@ -245,13 +243,20 @@ def bench_step_ratio(model, tokenizer, task, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from softprompt.config import TrainConfig
+
+    P = common.NUM_VIRTUAL_TOKENS  # noqa: N806
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--examples", type=int, default=16, help="training subset size (bench 1)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=256, help="text tokens per row (+P)")
+    p.add_argument("--max-tokens", type=int, default=TrainConfig().max_length - P,
+                   help="bench 1: text tokens per row; default: the trainer's max_length - P")
+    p.add_argument("--also-max-tokens", type=int, default=256,
+                   help="bench 1 again with this cap, reported beside it (0: skip)")
+    p.add_argument("--step-tokens", type=int, default=256, help="bench 2: tokens per row")
     p.add_argument("--target-tokens", type=int, default=40, help="targets per row (bench 2)")
     p.add_argument("--reps", type=int, default=3, help="timed epochs per method (bench 1)")
     p.add_argument("--step-reps", type=int, default=5, help="timed steps per method (bench 2)")
@@ -263,7 +268,10 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"model": args.model, "dtype": args.dtype, "device": args.device,
                     "machine": common.machine()}
     if args.only in (None, "train"):
-        result["train_throughput"] = bench_train(model, tokenizer, task, args)
+        result["train_throughput"] = bench_train(model, tokenizer, task, args, args.max_tokens)
+        if args.also_max_tokens:
+            result["train_throughput"]["also"] = bench_train(
+                model, tokenizer, task, args, args.also_max_tokens, "[1b]")
     if args.only in (None, "step"):
         result["step_over_forward"] = bench_step_ratio(model, tokenizer, task, args)
     common.write_json(args.out, result)

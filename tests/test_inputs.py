@@ -14,6 +14,7 @@ from softprompt.inputs import (
     insert_prompt,
     positions_from_mask,
     prompted_batch,
+    right_padded_batch,
     target_loss,
 )
 from softprompt.tasks import adds_bos
@@ -83,6 +84,37 @@ def test_target_loss_equals_full_logits_loss(tiny):
     assert count == sum(len(tok(" target words", add_special_tokens=False).input_ids) + 1
                         for _ in TEXTS)
     torch.testing.assert_close(loss_sum, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_right_padded_layout_equals_left_padded_in_loss_and_gradient(tiny):
+    model, tok, _ = tiny
+    bos = int(adds_bos(tok))
+    rows = []
+    for i, t in enumerate(TEXTS):  # rows of different lengths: padding in both layouts
+        ids = tok(t).input_ids
+        target = tok(" target" + " words" * i, add_special_tokens=False).input_ids
+        rows.append((ids + target, [IGNORE_INDEX] * len(ids) + target))
+    grads, losses = [], []
+    for side in ("left", "right"):
+        prompt = _prompt(model).requires_grad_()
+        batch = collate(rows, tok.pad_token_id, side=side)
+        if side == "left":
+            merged = prompted_batch(model, prompt, batch["input_ids"], batch["attention_mask"],
+                                    batch["labels"], bos)
+        else:
+            merged = right_padded_batch(model, prompt, batch["input_ids"], batch["labels"], bos)
+            assert merged.attention_mask is None and merged.position_ids is None
+            # Pads come last in every row: [BOS? | P | tokens | pads].
+            assert batch["attention_mask"][:, 0].all() and not batch["attention_mask"][2].all()
+        loss, count = target_loss(model, merged)
+        loss.backward()
+        losses.append((loss, count))
+        grads.append(prompt.grad)
+    assert losses[0][1] == losses[1][1] > 0
+    torch.testing.assert_close(losses[1][0], losses[0][0], atol=1e-4, rtol=1e-5)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+    assert all(p.grad is None for p in model.parameters())  # the model stays frozen
 
 
 def test_cached_generation_equals_uncached_token_for_token(tiny):

@@ -28,9 +28,9 @@ def step_order(lengths: list[int], step_size: int, seed: int, epoch: int) -> lis
 
 
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int,
-            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Left-pad ``(ids, labels)`` rows into ``input_ids``, ``attention_mask`` and ``labels``,
-    each ``[B, T]``."""
+            device: torch.device | str = "cpu", side: str = "left") -> dict[str, torch.Tensor]:
+    """Pad ``(ids, labels)`` rows (on the left, or on the ``"right"``) into ``input_ids``,
+    ``attention_mask`` and ``labels``, each ``[B, T]``."""
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -38,9 +38,10 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int,
     for i, (ids, lab) in enumerate(rows):
         n = len(ids)
         if n:
-            input_ids[i, width - n:] = torch.tensor(ids)
-            labels[i, width - n:] = torch.tensor(lab)
-            mask[i, width - n:] = 1
+            cols = slice(0, n) if side == "right" else slice(width - n, width)
+            input_ids[i, cols] = torch.tensor(ids)
+            labels[i, cols] = torch.tensor(lab)
+            mask[i, cols] = 1
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
             "labels": labels.to(device)}
 
