@@ -10,10 +10,13 @@ from softprompt.generation import generate, generate_reference
 from softprompt.inputs import (
     IGNORE_INDEX,
     build_prompt_cache,
+    cached_forward,
+    first_positions,
     full_logits,
     insert_prompt,
     positions_from_mask,
     prompted_batch,
+    reserved_cache,
     right_padded_batch,
     target_loss,
 )
@@ -115,6 +118,54 @@ def test_right_padded_layout_equals_left_padded_in_loss_and_gradient(tiny):
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
     assert all(p.grad is None for p in model.parameters())  # the model stays frozen
+
+
+def test_reserved_cache_decodes_like_dynamic_cache_and_writes_in_place(tiny):
+    model, tok, _ = tiny
+    prompt = _prompt(model, p=3)
+    bos = tok.bos_token_id if adds_bos(tok) else None
+    prefix = build_prompt_cache(model, prompt, bos)
+    rows = [tok(t, add_special_tokens=False).input_ids for t in TEXTS]
+    batch = collate([(ids, ids) for ids in rows], tok.pad_token_id)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    width = ids.shape[1]
+    # capacity 2 positions short of what 4 steps reach: the buffers must grow once, correctly.
+    caches = {"dynamic": prefix.expand(3), "reserved": prefix.expand(3, prefix.length + width + 2)}
+    logits = {}
+    buffers = []
+    for name, cache in caches.items():
+        full = torch.cat([mask.new_ones(3, prefix.length), mask], 1)
+        pos = first_positions(prefix.length, mask)
+        out, cache = cached_forward(model, cache, ids, full, pos)
+        steps, next_pos, keep = [out], pos[:, -1:] + 1, torch.arange(3)
+        for step in range(4):
+            if step == 2:  # row 1 leaves the batch
+                keep = torch.tensor([0, 2])
+                cache.batch_select_indices(torch.tensor([0, 2]))
+                full, next_pos, out = full[[0, 2]], next_pos[[0, 2]], out[[0, 2]]
+            if name == "reserved":
+                buffers.append(cache.layers[0]._k.data_ptr())
+            full = torch.cat([full, full.new_ones(len(keep), 1)], 1)
+            out, cache = cached_forward(model, cache, out.argmax(-1, keepdim=True), full, next_pos)
+            next_pos = next_pos + 1
+            steps.append(out)
+        logits[name] = steps
+    for a, b in zip(logits["dynamic"], logits["reserved"], strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    # Steps write into the same buffer, except after row selection (step 2) and growth (step 3).
+    assert buffers[0] == buffers[1] and len(set(buffers)) == 3
+    assert caches["reserved"].layers[0].keys.shape[2] == prefix.length + width + 4
+
+
+def test_reserved_cache_without_prefix_starts_empty(tiny):
+    model, tok, _ = tiny
+    ids = torch.tensor([tok("Two dogs", add_special_tokens=False).input_ids])
+    mask = torch.ones_like(ids)
+    cache = reserved_cache(ids.shape[1] + 1)
+    out, cache = cached_forward(model, cache, ids, mask, positions_from_mask(mask))
+    ref = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert cache.get_seq_length() == ids.shape[1]
 
 
 def test_cached_generation_equals_uncached_token_for_token(tiny):

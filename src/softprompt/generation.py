@@ -1,7 +1,8 @@
 """Batched decoding behind a soft prompt, with the prompt's key/value cache reused.
 
 The ``[BOS? | P]`` prefix does not depend on the input, so its keys/values are computed once
-per prompt and copied into every batch (inputs.PromptCache). Rows are sorted by length,
+per prompt and copied into every batch (inputs.PromptCache), whose cache reserves room for all
+the positions it will reach (no per-step copies). Rows are sorted by length,
 decoded greedily (or sampled), and each stops at EOS or at the task's stop string; a stop
 string only counts once the row has produced non-whitespace text.
 """
@@ -20,6 +21,7 @@ from softprompt.inputs import (
     first_positions,
     full_logits,
     prompted_batch,
+    reserved_cache,
     select_rows,
 )
 from softprompt.tasks import adds_bos
@@ -96,7 +98,10 @@ def generate(model, tokenizer, texts: list[str] | list[list[int]],
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = first_positions(prefix_len, mask)  # [B, T]
         full_mask = torch.cat([mask.new_ones(bsz, prefix_len), mask], 1)  # [B, C + T]
-        cache = prefix.expand(bsz) if prefix is not None else None
+        # Room for every position this batch can reach: no cache copies while decoding.
+        capacity = prefix_len + width + cfg.max_new_tokens
+        cache = (prefix.expand(bsz, capacity) if prefix is not None
+                 else reserved_cache(capacity))
         logits, cache = cached_forward(model, cache, input_ids, full_mask, positions)
         next_pos = positions[:, -1:] + 1  # [B, 1]
         generated: list[list[int]] = [[] for _ in rows]
