@@ -41,16 +41,18 @@ class Ours:
 
     def __init__(self, model, tokenizer, prompt: torch.Tensor, device):
         from softprompt.prompt import SoftPrompt
+        from softprompt.tasks import adds_bos
 
-        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.model, self.device = model, device
+        self.pad, self.bos_offset = tokenizer.pad_token_id, int(adds_bos(tokenizer))
         self.soft = SoftPrompt(prompt.detach().float()).to(device)
         self.opt = torch.optim.Adam(self.soft.parameters(), lr=common.LR)
 
     def step(self, rows: list[tuple[list[int], list[int]]]) -> float:
-        from softprompt.train import rows_loss
+        from softprompt.inputs import rows_loss
 
         self.opt.zero_grad(set_to_none=False)  # as softprompt.train does
-        loss_sum, n_targets = rows_loss(self.model, self.soft(), rows, self.tokenizer,
+        loss_sum, n_targets = rows_loss(self.model, self.soft(), rows, self.pad, self.bos_offset,
                                         self.device)
         loss = loss_sum / n_targets
         loss.backward()

@@ -16,11 +16,10 @@ from typing import Any
 import torch
 
 from softprompt import atomic
-from softprompt.batching import collate
 from softprompt.config import GenerationConfig
 from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
-from softprompt.inputs import prompted_batch, target_loss
+from softprompt.inputs import rows_loss
 from softprompt.metrics import compute_metrics, example_scores
 from softprompt.tasks import Example, Task, adds_bos, encode_example, make_examples, render_input
 
@@ -102,13 +101,12 @@ def target_token_loss(model, tokenizer, task: Task, examples: list[Example], sys
     if prompt is None:
         prompt = model.get_input_embeddings().weight.new_zeros(0, model.config.hidden_size)
     total, count = 0.0, 0
-    rows = [e.ids_and_labels() for e in encoded]
+    # Similar lengths share a batch (the sum does not depend on the order): fewer pads.
+    rows = sorted((e.ids_and_labels() for e in encoded), key=lambda row: len(row[0]))
+    bos_offset = int(adds_bos(tokenizer))
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i:i + batch_size], tokenizer.pad_token_id, model.device)
-        merged = prompted_batch(model, prompt.to(model.device), batch["input_ids"],
-                                batch["attention_mask"], batch["labels"],
-                                int(adds_bos(tokenizer)))
-        loss_sum, n = target_loss(model, merged)
+        loss_sum, n = rows_loss(model, prompt.to(model.device), rows[i:i + batch_size],
+                                tokenizer.pad_token_id, bos_offset, model.device)
         total += loss_sum.item()
         count += n
     return total / max(1, count)

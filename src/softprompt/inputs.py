@@ -31,10 +31,11 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from softprompt.batching import collate
 from softprompt.tasks import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "PromptedBatch", "PromptCache", "insert_prompt", "prompted_batch",
-           "right_padded_batch", "target_loss", "full_logits", "build_prompt_cache",
+           "right_padded_batch", "target_loss", "rows_loss", "full_logits", "build_prompt_cache",
            "reserved_cache", "cached_forward", "select_rows"]
 
 
@@ -165,6 +166,20 @@ def target_loss(model: PreTrainedModel, batch: PromptedBatch) -> tuple[torch.Ten
                        position_ids=batch.position_ids, use_cache=False).logits[:, :-1][keep]
     loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
     return loss, count
+
+
+def rows_loss(model: PreTrainedModel, prompt: torch.Tensor,
+              rows: list[tuple[list[int], list[int]]], pad_id: int, bos_offset: int = 0,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
+    """Summed target cross-entropy of encoded ``(ids, labels)`` rows behind ``prompt`` ``[P, H]``,
+    and the number of targets: the loss of one training (micro-)batch.
+
+    Rows are right-padded so that no attention mask is needed (:func:`right_padded_batch`),
+    and only target positions reach the vocabulary projection (:func:`target_loss`).
+    """
+    batch = collate(rows, pad_id, device, side="right")
+    return target_loss(model, right_padded_batch(model, prompt, batch["input_ids"],
+                                                 batch["labels"], bos_offset))
 
 
 def full_logits(model: PreTrainedModel, batch: PromptedBatch) -> torch.Tensor:

@@ -22,11 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from softprompt import atomic, checkpoint
-from softprompt.batching import collate, step_order
+from softprompt.batching import step_order
 from softprompt.config import PromptConfig, TrainConfig
 from softprompt.errors import SoftPromptError
 from softprompt.faults import crash_point
-from softprompt.inputs import right_padded_batch, target_loss
+from softprompt.inputs import rows_loss
 from softprompt.models import freeze
 from softprompt.prompt import (
     CONFIG_FILE,
@@ -101,21 +101,6 @@ def _all_reduce_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
-
-
-def rows_loss(model, prompt: torch.Tensor, rows: list[tuple[list[int], list[int]]], tokenizer,
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
-    """Summed target cross-entropy of encoded ``(ids, labels)`` rows behind ``prompt`` ``[P, H]``,
-    and the number of targets: the loss of one training (micro-)batch.
-
-    Rows are right-padded so that no attention mask is needed
-    (:func:`softprompt.inputs.right_padded_batch`), and only target positions reach the
-    vocabulary projection (:func:`softprompt.inputs.target_loss`).
-    """
-    batch = collate(rows, tokenizer.pad_token_id, device, side="right")
-    merged = right_padded_batch(model, prompt, batch["input_ids"], batch["labels"],
-                                int(adds_bos(tokenizer)))
-    return target_loss(model, merged)
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -247,6 +232,7 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
         init_ids = tokenizer(init_text, add_special_tokens=False).input_ids
     soft = init_prompt(embeddings, pcfg.num_virtual_tokens, pcfg.init, init_ids, cfg.seed)
     soft.to(device)
+    bos_offset = int(adds_bos(tokenizer))
 
     # 2. Optimiser and position in the data; restored from a checkpoint when resuming.
     opt = torch.optim.Adam(soft.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -319,7 +305,8 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
     def step_loss(rows: list[tuple[list[int], list[int]]],
                   denom: float) -> tuple[torch.Tensor, int]:
         with autocast:
-            loss_sum, count = rows_loss(model, soft(), rows, tokenizer, device)
+            loss_sum, count = rows_loss(model, soft(), rows, tokenizer.pad_token_id,
+                                        bos_offset, device)
         return loss_sum / denom, count
 
     @torch.no_grad()
