@@ -4,17 +4,19 @@ Everything that merges a ``[P, H]`` prompt into a batch lives here: embeddings, 
 mask, position ids, labels, the loss on target tokens, and the prompt's key/value cache.
 Transformers' cache API changes touch only this module.
 
-Two layouts, equivalent up to float rounding (tests/test_inputs.py proves it):
+Three layouts, equivalent up to float rounding (tests/test_inputs.py proves it):
 
-* training / reference layout, per row ``[pad.. | BOS? | P prompt | tokens..]``: the prompt sits
-  immediately before the first real token (after BOS where the tokenizer adds one);
+* reference layout, per row ``[pad.. | BOS? | P prompt | tokens..]``: the prompt sits
+  immediately before the first real token (after BOS where the tokenizer adds one); used by
+  the uncached generation reference the parity tests compare against;
 * training layout, per row ``[BOS? | P prompt | tokens.. | pad..]`` (right padding): every
   real token sits at the same position as in the reference layout and pads come after all of
   them, so causal attention alone keeps pads out of sight and no attention mask is passed.
   The model's attention then takes its mask-free causal kernel (measured ~4% faster per step
   than an explicit padding mask);
 * cached layout for generation, ``[BOS? | P prompt]`` (computed once, shared by every row)
-  followed by the left-padded tokens ``[pad.. | tokens..]``.
+  followed by the left-padded tokens ``[pad.. | tokens..]``, in a KV cache reserved up front
+  for every position the batch will reach.
 
 Position ids always come from the attention mask (or, with right padding, count from 0), so
 pads never shift positions (GPT-2 has learned absolute positions; RoPE models see the same
