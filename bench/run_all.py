@@ -66,6 +66,11 @@ def main() -> None:
 
     train, t_train, c_train = run("train_throughput.py", out / "train.json",
                                   extra("train_throughput.py"))
+    # The same with the trainer's --compile (ours only; PEFT stays eager): not a goal figure.
+    compiled, _, c_compiled = run("train_throughput.py", out / "train_compile.json",
+                                  extra("train_throughput.py",
+                                        ["--compile", "--also-max-tokens", "0", "--reps", "2",
+                                         "--step-reps", "3"]))
     evals, t_eval, c_eval = run("eval_throughput.py", out / "eval.json",
                                 extra("eval_throughput.py"))
     memory, t_mem, c_mem = run("memory.py", out / "memory.json",
@@ -109,6 +114,9 @@ def main() -> None:
     if also:
         extra_lines.append(f"  training throughput with rows cut to {also['max_tokens']} "
                            f"tokens: {also['ratio']:.2f}x")
+    extra_lines.append(f"  with --compile ({c_compiled}): training throughput "
+                       f"{compiled['train_throughput']['ratio']:.2f}x PEFT, step / eager "
+                       f"forward {compiled['step_over_forward']['ratio']:.2f}")
     extra_lines.append(f"  PEFT step / no-grad forward: "
                        f"{train['step_over_forward']['peft_ratio']:.2f}")
     for line in extra_lines:

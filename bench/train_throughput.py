@@ -39,7 +39,7 @@ GOAL_STEP_RATIO = 2.2  # our step / no-grad forward, lower is better
 class Ours:
     """The step of softprompt.train, minus logging and checkpoints."""
 
-    def __init__(self, model, tokenizer, prompt: torch.Tensor, device):
+    def __init__(self, model, tokenizer, prompt: torch.Tensor, device, compiled: bool = False):
         from softprompt.prompt import SoftPrompt
         from softprompt.tasks import adds_bos
 
@@ -47,18 +47,43 @@ class Ours:
         self.pad, self.bos_offset = tokenizer.pad_token_id, int(adds_bos(tokenizer))
         self.soft = SoftPrompt(prompt.detach().float()).to(device)
         self.opt = torch.optim.Adam(self.soft.parameters(), lr=common.LR)
+        # --compile: the trainer's compiled decoder layers, switched on for our steps only (the
+        # model object is shared with PEFT, which stays eager).
+        self.compiled = compiled_layers(model) if compiled else None
 
     def step(self, rows: list[tuple[list[int], list[int]]]) -> float:
         from softprompt.inputs import rows_loss
 
-        self.opt.zero_grad(set_to_none=False)  # as softprompt.train does
-        loss_sum, n_targets = rows_loss(self.model, self.soft(), rows, self.pad, self.bos_offset,
-                                        self.device)
-        loss = loss_sum / n_targets
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.soft.parameters(), 1.0)
-        self.opt.step()
+        if self.compiled:
+            for layer, impl in self.compiled:
+                layer._compiled_call_impl = impl
+        try:
+            self.opt.zero_grad(set_to_none=False)  # as softprompt.train does
+            loss_sum, n_targets = rows_loss(self.model, self.soft(), rows, self.pad,
+                                            self.bos_offset, self.device)
+            loss = loss_sum / n_targets
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.soft.parameters(), 1.0)
+            self.opt.step()
+        finally:
+            if self.compiled:
+                for layer, _ in self.compiled:
+                    layer._compiled_call_impl = None
         return loss.item()
+
+
+def compiled_layers(model) -> list:
+    """``(layer, compiled call)`` for each decoder layer, as ``train(compile=True)`` makes them;
+    the layers are left eager."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from softprompt.train import _compile_layers
+
+    _compile_layers(model, on=True)
+    pairs = [(m, m._compiled_call_impl) for m in model.modules()
+             if isinstance(m, GradientCheckpointingLayer)]
+    _compile_layers(model, on=False)
+    return pairs
 
 
 def right_pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -116,7 +141,7 @@ def bench_train(model, tokenizer, task, args, max_tokens: int, label: str = "[1]
     lengths = [len(ids) for ids, _ in rows]
     n_targets = sum(sum(1 for x in lab if x != -100) for _, lab in rows)
     prompt = common.our_prompt(model, tokenizer, task).embeddings.detach()
-    ours = Ours(model, tokenizer, prompt, args.device)
+    ours = Ours(model, tokenizer, prompt, args.device, compiled=args.compile)
     peft = Peft(model, tokenizer, prompt, args.device)
     say(f"{label} training throughput: {len(rows)} examples (first {args.examples} of "
         f"{common.TRAIN_FILE.name}, max_length {max_length}: {data.truncated} truncated to "
@@ -205,7 +230,7 @@ def bench_step_ratio(model, tokenizer, task, args) -> dict:
     """Benchmark 2: step time / plain no-grad forward time on one fixed batch."""
     rows = fixed_batch(tokenizer, task, args.batch_size, args.step_tokens, args.target_tokens)
     prompt = common.our_prompt(model, tokenizer, task).embeddings.detach()
-    ours = Ours(model, tokenizer, prompt, args.device)
+    ours = Ours(model, tokenizer, prompt, args.device, compiled=args.compile)
     peft = Peft(model, tokenizer, prompt, args.device)
     peft_batch = right_pad(rows, tokenizer.pad_token_id)  # no pads: every row is full
     ids = peft_batch["input_ids"].to(args.device)
@@ -262,13 +287,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--target-tokens", type=int, default=40, help="targets per row (bench 2)")
     p.add_argument("--reps", type=int, default=3, help="timed epochs per method (bench 1)")
     p.add_argument("--step-reps", type=int, default=5, help="timed steps per method (bench 2)")
+    p.add_argument("--compile", action="store_true",
+                   help="ours with --compile (compiled decoder layers); PEFT and the plain "
+                        "forward stay eager")
     p.add_argument("--only", choices=["train", "step"], default=None)
     p.add_argument("--out", type=Path, default=common.OUT_DIR / "train.json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model, tokenizer, task = common.load(args.model, args.dtype, args.device)
     result: dict = {"model": args.model, "dtype": args.dtype, "device": args.device,
-                    "machine": common.machine()}
+                    "compile": args.compile, "machine": common.machine()}
     if args.only in (None, "train"):
         result["train_throughput"] = bench_train(model, tokenizer, task, args, args.max_tokens)
         if args.also_max_tokens:

@@ -142,6 +142,39 @@ def test_gradient_checkpointing_gives_the_same_prompt(tiny, records, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
 
 
+def test_compiled_layers_give_the_same_prompt_and_are_undone(tiny, records, tmp_path):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model, tok, _ = tiny
+    _responsive(model)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    compiled_during = []
+    layers[0].register_forward_pre_hook(
+        lambda mod, args: compiled_during.append(mod._compiled_call_impl is not None))
+    from torch._dynamo.utils import counters
+
+    runs, graphs = [], []
+    for compile_ in (False, True):
+        graphs.append(counters["stats"]["unique_graphs"])
+        runs.append(train(model, tok, TRANSLATION, records[:8], tmp_path / str(compile_),
+                          validation_records=records[8:12], prompt_config=_pcfg(), progress=False,
+                          train_config=_cfg(epochs=1, compile=compile_)))
+    # The compiled run really compiled graphs and ran compiled layers, and left the caller's
+    # model eager again.
+    assert counters["stats"]["unique_graphs"] > graphs[1] == graphs[0]
+    assert compiled_during and not any(compiled_during[:len(compiled_during) // 2])
+    assert compiled_during[-1] and all(m._compiled_call_impl is None for m in layers)
+    torch.testing.assert_close(runs[1].prompt, runs[0].prompt, atol=1e-5, rtol=0)
+    for a, b in zip(_steps(runs[0].log), _steps(runs[1].log)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_compile_refuses_checkpointing_and_sharding():
+    for other in ("gradient_checkpointing", "shard_model"):
+        with pytest.raises(SoftPromptError, match="cannot be combined"):
+            TrainConfig(compile=True, **{other: True})
+
+
 def test_bf16_autocast_loss_is_close_to_float32(tiny, records, tmp_path):
     model, tok, _ = tiny
     _responsive(model)

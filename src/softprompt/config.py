@@ -116,10 +116,19 @@ class TrainConfig:
         default=False,
         metadata={"help": "With several processes, shard the frozen decoder layers (FSDP2)."},
     )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the decoder layers: faster steps after a one-off "
+                          "compile (needs a C++ compiler on CPU)."},
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "gradient_accumulation_steps", "lr",
                   "max_length", "save_total_limit")
+        for other in ("gradient_checkpointing", "shard_model"):
+            if self.compile and getattr(self, other):
+                raise SoftPromptError(f"--compile cannot be combined with "
+                                      f"--{other.replace('_', '-')}; drop one of them")
         _non_negative(self, "weight_decay", "max_grad_norm", "warmup_steps", "patience",
                       "save_steps")
         for name in ("max_train_examples", "max_eval_examples"):
