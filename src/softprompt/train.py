@@ -352,6 +352,9 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
         _enable_checkpointing(model)
     if cfg.compile:
         _compile_layers(model, on=True)
+        if main and progress:
+            print("--compile: the first step and the first validation also compile the decoder "
+                  "layers (once per run)", file=sys.stderr)
     try:
         out.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=total_steps, initial=global_step, disable=not (progress and main),
