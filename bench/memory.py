@@ -23,7 +23,7 @@ padding), the last 40 of each row the target; P = 20 virtual tokens, so the mode
 8 x 532.
 
 Usage: python bench/memory.py            (parent: runs the children, prints the ratio)
-       python bench/memory.py --child ours|peft|ours_checkpointing
+       python bench/memory.py --child ours|peft|ours_checkpointing|ours_compile
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def child(method: str, args) -> dict:
             from softprompt.train import _enable_checkpointing
 
             _enable_checkpointing(model)
-        runner = Ours(model, tokenizer, prompt, "cpu")
+        runner = Ours(model, tokenizer, prompt, "cpu", compiled=method == "ours_compile")
         step = lambda: runner.step(rows)  # noqa: E731
     else:
         runner = Peft(model, tokenizer, prompt, "cpu")
@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--target-tokens", type=int, default=40)
     p.add_argument("--checkpointing", action="store_true",
                    help="also measure ours with --gradient-checkpointing")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure ours with --compile (compiled in the untimed warm-up)")
     p.add_argument("--malloc", choices=["fixed", "default"], default="fixed",
                    help="fixed: MALLOC_MMAP_THRESHOLD_=64 KiB in the children (RSS follows live "
                         "tensors, same figure every run); default: glibc's adaptive threshold")
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"[4] peak memory of one training step, batch {args.batch_size} x {args.max_tokens} "
         f"tokens (+P={common.NUM_VIRTUAL_TOKENS}), {args.target_tokens} target tokens per row, "
         f"fresh process per method, malloc {args.malloc}")
-    methods = ["ours", "peft"] + (["ours_checkpointing"] if args.checkpointing else [])
+    methods = (["ours", "peft"] + (["ours_checkpointing"] if args.checkpointing else [])
+               + (["ours_compile"] if args.compile else []))
     runs = {m: run_child(m, args) for m in methods}
     for m, r in runs.items():
         say(f"  {m}: baseline RSS {r['baseline_rss_mib']:.0f} MiB, step peak +"
@@ -185,6 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
                                               / runs["peft"]["step_peak_increase_mib"])
         say(f"  (ours with gradient checkpointing / PEFT = "
             f"{result['ratio_with_checkpointing']:.2f})")
+    if "ours_compile" in runs:
+        result["ratio_with_compile"] = (runs["ours_compile"]["step_peak_increase_mib"]
+                                        / runs["peft"]["step_peak_increase_mib"])
+        say(f"  (ours with --compile / PEFT = {result['ratio_with_compile']:.2f})")
     say(f"  RATIO step peak memory ours/PEFT = {ratio:.2f} (goal <= {GOAL}) {result['verdict']}")
     common.write_json(args.out, {"model": args.model, "machine": common.machine(),
                                  "memory": result})

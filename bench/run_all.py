@@ -74,8 +74,8 @@ def main() -> None:
     evals, t_eval, c_eval = run("eval_throughput.py", out / "eval.json",
                                 extra("eval_throughput.py"))
     memory, t_mem, c_mem = run("memory.py", out / "memory.json",
-                               extra("memory.py", [] if args.no_checkpointing
-                                     else ["--checkpointing"]))
+                               extra("memory.py", ["--compile"] + ([] if args.no_checkpointing
+                                                    else ["--checkpointing"])))
 
     figures = {
         "1_training_throughput": (train["train_throughput"], c_train, t_train,
@@ -107,6 +107,9 @@ def main() -> None:
                            f"{base['identical']['all_rows'][0]}/{base['identical']['all_rows'][1]}"
                            f" rows, {base['identical']['batch_size_1'][0]}/"
                            f"{base['identical']['batch_size_1'][1]} at batch size 1")
+    if "ratio_with_compile" in memory["memory"]:
+        extra_lines.append(f"  memory with --compile: "
+                           f"{memory['memory']['ratio_with_compile']:.2f} of PEFT")
     if "ratio_with_checkpointing" in memory["memory"]:
         extra_lines.append(f"  memory with --gradient-checkpointing: "
                            f"{memory['memory']['ratio_with_checkpointing']:.2f} of PEFT")
