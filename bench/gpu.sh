@@ -57,6 +57,11 @@ COMMON=(--model "$MODEL_DIR" --device cuda --dtype bfloat16)
 "$PY" bench/train_throughput.py "${COMMON[@]}" --examples 256 --batch-size 8 --max-tokens 492 \
   --also-max-tokens 0 --step-tokens 512 --reps 3 --step-reps 10 --out bench/out/gpu-train.json
 
+# 3b. The same with the trainer's --compile (ours only); a failure here does not stop the rest.
+"$PY" bench/train_throughput.py "${COMMON[@]}" --examples 256 --batch-size 8 --max-tokens 492 \
+  --also-max-tokens 0 --step-tokens 512 --reps 2 --step-reps 5 --compile \
+  --out bench/out/gpu-train-compile.json || echo "--compile run failed (see above)" >&2
+
 # 4. Benchmark 3: 64 test inputs of at most 512 tokens, batch 16, 60 new tokens, greedy.
 "$PY" bench/eval_throughput.py "${COMMON[@]}" --examples 64 --batch-size 16 --max-tokens 512 \
   --max-new-tokens 60 --reps 3 --identity-examples 4 --out bench/out/gpu-eval.json
@@ -77,4 +82,10 @@ for name, rate in e["examples_per_s"].items():
     print(f"3 eval {name}: {rate:.2f} ex/s{extra}")
 print(f"3 eval ratio vs {e['judged_against']}: {e['ratio']:.2f}x (goal >= {e['goal']}) "
       f"{e['verdict']}")
+try:
+    c = json.load(open("bench/out/gpu-train-compile.json"))
+    print(f"with --compile: training {c['train_throughput']['ratio']:.2f}x PEFT, step / "
+          f"forward {c['step_over_forward']['ratio']:.2f}")
+except (OSError, KeyError, ValueError):
+    print("with --compile: no result")
 EOF
