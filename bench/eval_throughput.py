@@ -75,26 +75,23 @@ def fix_peft_cache_kwarg(pm) -> None:
     back on the way out restores PEFT's intended behaviour (checked below: identical to ours
     at batch size 1). This is what a PEFT fix would do; PEFT itself is not modified.
     """
-    inner = pm.base_model_prepare_inputs_for_generation
+    pm.base_model_prepare_inputs_for_generation = _renaming(
+        pm.base_model_prepare_inputs_for_generation, "cache", "past_key_values")
+    pm.prepare_inputs_for_generation = _renaming(pm.prepare_inputs_for_generation,
+                                                 "past_key_values", "cache")
 
-    @functools.wraps(inner)
-    def base_prepare(*args, **kwargs):
-        out = inner(*args, **kwargs)
-        if "cache" in out:
-            out["past_key_values"] = out.pop("cache")
+
+def _renaming(fn, old: str, new: str):
+    """``fn`` whose returned kwargs dict has key ``old`` renamed to ``new``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if old in out:
+            out[new] = out.pop(old)
         return out
 
-    peft_prepare = pm.prepare_inputs_for_generation
-
-    @functools.wraps(peft_prepare)
-    def prepare(*args, **kwargs):
-        out = peft_prepare(*args, **kwargs)
-        if "past_key_values" in out:
-            out["cache"] = out.pop("past_key_values")
-        return out
-
-    pm.base_model_prepare_inputs_for_generation = base_prepare
-    pm.prepare_inputs_for_generation = prepare
+    return wrapper
 
 
 class PeftGenerate:

@@ -130,7 +130,8 @@ def test_reserved_cache_decodes_like_dynamic_cache_and_writes_in_place(tiny):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     width = ids.shape[1]
     # capacity 2 positions short of what 4 steps reach: the buffers must grow once, correctly.
-    caches = {"dynamic": prefix.expand(3), "reserved": prefix.expand(3, prefix.length + width + 2)}
+    caches = {"dynamic": prefix.expand(3),
+              "reserved": reserved_cache(prefix.length + width + 2, prefix, 3)}
     logits = {}
     buffers = []
     for name, cache in caches.items():

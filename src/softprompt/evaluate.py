@@ -100,12 +100,13 @@ def target_token_loss(model, tokenizer, task: Task, examples: list[Example], sys
     prompt = system.prompt
     if prompt is None:
         prompt = model.get_input_embeddings().weight.new_zeros(0, model.config.hidden_size)
+    prompt = prompt.to(model.device)
     total, count = 0.0, 0
     # Similar lengths share a batch (the sum does not depend on the order): fewer pads.
     rows = sorted((e.ids_and_labels() for e in encoded), key=lambda row: len(row[0]))
     bos_offset = int(adds_bos(tokenizer))
     for i in range(0, len(rows), batch_size):
-        loss_sum, n = rows_loss(model, prompt.to(model.device), rows[i:i + batch_size],
+        loss_sum, n = rows_loss(model, prompt, rows[i:i + batch_size],
                                 tokenizer.pad_token_id, bos_offset, model.device)
         total += loss_sum.item()
         count += n

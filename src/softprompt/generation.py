@@ -100,8 +100,7 @@ def generate(model, tokenizer, texts: list[str] | list[list[int]],
         full_mask = torch.cat([mask.new_ones(bsz, prefix_len), mask], 1)  # [B, C + T]
         # Room for every position this batch can reach: no cache copies while decoding.
         capacity = prefix_len + width + cfg.max_new_tokens
-        cache = (prefix.expand(bsz, capacity) if prefix is not None
-                 else reserved_cache(capacity))
+        cache = reserved_cache(capacity, prefix, bsz)
         logits, cache = cached_forward(model, cache, input_ids, full_mask, positions)
         next_pos = positions[:, -1:] + 1  # [B, 1]
         generated: list[list[int]] = [[] for _ in rows]

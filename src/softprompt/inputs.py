@@ -58,6 +58,14 @@ def positions_from_mask(attention_mask: torch.Tensor,
     return positions.clamp(min=0).masked_fill(attention_mask == 0, 0)
 
 
+def _check_width(prompt: torch.Tensor, token_embeds: torch.Tensor) -> int:
+    """``P`` of a ``[P, H]`` prompt, after checking ``H`` against ``[B, T, H]`` embeddings."""
+    if prompt.shape[-1] != token_embeds.shape[-1]:
+        raise ValueError(f"prompt is {list(prompt.shape)} but embeddings are "
+                         f"{list(token_embeds.shape)}: hidden sizes differ")
+    return prompt.shape[0]
+
+
 def insert_prompt(token_embeds: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor,
                   labels: torch.Tensor | None = None, bos_offset: int = 0) -> PromptedBatch:
     """Splice the prompt into each left-padded row just before its first real token.
@@ -73,10 +81,7 @@ def insert_prompt(token_embeds: torch.Tensor, attention_mask: torch.Tensor, prom
         A :class:`PromptedBatch` of length ``P + T``.
     """
     bsz, seq_len, hidden = token_embeds.shape
-    num_virtual, prompt_hidden = prompt.shape
-    if prompt_hidden != hidden:
-        raise ValueError(f"prompt is [{num_virtual}, {prompt_hidden}] but embeddings are "
-                         f"[{bsz}, {seq_len}, {hidden}]: hidden sizes differ")
+    num_virtual = _check_width(prompt, token_embeds)
     device = token_embeds.device
     # First real token of each row (left padding), then where the prompt goes.
     first = attention_mask.long().argmax(dim=-1)  # [B]
@@ -113,11 +118,8 @@ def right_padded_batch(model: PreTrainedModel, prompt: torch.Tensor, input_ids: 
         any pad), so logits at real tokens, the loss and the prompt's gradient are the same.
     """
     token_embeds = embed(model, input_ids)  # [B, T, H]
-    bsz, _, hidden = token_embeds.shape
-    num_virtual, prompt_hidden = prompt.shape
-    if prompt_hidden != hidden:
-        raise ValueError(f"prompt is [{num_virtual}, {prompt_hidden}] but embeddings have "
-                         f"hidden size {hidden}")
+    bsz = token_embeds.shape[0]
+    num_virtual = _check_width(prompt, token_embeds)
     soft = prompt.to(token_embeds.dtype).expand(bsz, -1, -1)  # [B, P, H]
     embeds = torch.cat([token_embeds[:, :bos_offset], soft, token_embeds[:, bos_offset:]], 1)
     ignore = labels.new_full((bsz, num_virtual), IGNORE_INDEX)
@@ -219,16 +221,10 @@ class PromptCache:
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     length: int
 
-    def expand(self, batch_size: int, capacity: int | None = None) -> DynamicCache:
-        """A fresh cache for ``batch_size`` rows, each starting with a copy of the prefix.
-
-        With ``capacity`` (the most positions the rows will reach: prefix + input + new
-        tokens) its layers write into buffers reserved up front (:func:`reserved_cache`);
-        otherwise it is transformers' ``DynamicCache``, which re-copies every layer's keys and
-        values at each decoding step.
-        """
-        if capacity is not None:
-            return reserved_cache(capacity, self, batch_size)
+    def expand(self, batch_size: int) -> DynamicCache:
+        """A plain transformers ``DynamicCache`` for ``batch_size`` rows, each starting with a
+        copy of the prefix. Generation uses :func:`reserved_cache` instead, which does not
+        re-copy every layer's keys and values at each decoding step."""
         return DynamicCache([(k.expand(batch_size, -1, -1, -1).contiguous(),
                               v.expand(batch_size, -1, -1, -1).contiguous())
                              for k, v in self.layers])
@@ -245,7 +241,7 @@ class _ReservedLayer(DynamicLayer):
 
     def __init__(self, capacity: int):
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.capacity = capacity
 
     def _reserve(self, capacity: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """New ``capacity``-position buffers holding ``keys``/``values`` ``[B, heads, n, d]``."""
@@ -253,7 +249,7 @@ class _ReservedLayer(DynamicLayer):
         self._k = keys.new_empty(keys.shape[0], keys.shape[1], capacity, keys.shape[3])
         self._v = values.new_empty(values.shape[0], values.shape[1], capacity, values.shape[3])
         self._k[:, :, :n], self._v[:, :, :n] = keys, values
-        self.capacity, self.length = capacity, n
+        self.capacity = capacity
         self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -264,12 +260,12 @@ class _ReservedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
+        start = self.keys.shape[2]
+        end = start + key_states.shape[2]
         if end > self.capacity:
             self._reserve(max(end, 2 * self.capacity), self.keys, self.values)
-        self._k[:, :, self.length:end] = key_states
-        self._v[:, :, self.length:end] = value_states
-        self.length = end
+        self._k[:, :, start:end] = key_states
+        self._v[:, :, start:end] = value_states
         self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
         return self.keys, self.values
 

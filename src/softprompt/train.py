@@ -134,9 +134,9 @@ def _compile_layers(model, on: bool) -> None:
     """``torch.compile`` every decoder layer (``on``), or put them back to eager.
 
     The layers share their code, so with dynamic shapes one compiled graph serves every layer
-    and every batch length (plus one more for no-grad validation). Measured on SmolLM2-135M
-    (2 CPU cores, 4 x 276 tokens): a step 2.11 s against 2.54 s eager, after ~15 s of
-    compiling (BENCHMARKS.md).
+    and every batch length (plus one more for no-grad validation). On SmolLM2-135M (2 CPU
+    cores) a step is 11-17% faster at 4 x 276 tokens and 35% at 8 x 532, after ~15 s of
+    compiling (BENCHMARKS.md, 2c and 4c).
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -325,8 +325,8 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
                 loss_sum, count = rows_loss(model, soft(), rows, tokenizer.pad_token_id,
                                             bos_offset, device)
         except torch._dynamo.exc.TorchDynamoException as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SoftPromptError(f"--compile failed ({first[:200]}); run without "
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            raise SoftPromptError(f"--compile failed ({lines[0][:200]}); run without "
                                   f"--compile") from err
         return loss_sum / denom, count
 
