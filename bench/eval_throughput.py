@@ -21,6 +21,10 @@ batch, and at batch size 1 on a few inputs (no padding anywhere). The goal (>= 2
 identical outputs) is judged against PEFT as installed when its outputs match ours wherever
 padding plays no part, otherwise against ``peft_fixed``.
 
+On the CPU it then profiles one more pass of ours and of the judged PEFT and prints the ceiling
+``PEFT's pass / ours' time in matrix multiplies``: the ratio ours could reach if everything
+but its GEMMs (the FLOPs it must do, at the rate the kernels already run) cost nothing.
+
 Usage: python bench/eval_throughput.py [--model smollm2-135m] [--device cpu]
 """
 
@@ -40,6 +44,8 @@ import torch  # noqa: E402
 from common import say  # noqa: E402
 
 GOAL = 2.0  # ours / PEFT examples per second, higher is better
+# The matrix-multiply kernels that nn.Linear (and GPT-2's Conv1D) and attention's bmm call.
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
 
 def eval_texts(tokenizer, task, n: int, max_tokens: int) -> tuple[list[str], int]:
@@ -122,6 +128,18 @@ class PeftGenerate:
                 results.append(cut_at_stop(tok.decode(ids, skip_special_tokens=True),
                                            self.stop)[0])
         return results
+
+
+def gemm_seconds(fn) -> tuple[float, float]:
+    """``(seconds in matrix multiplies, seconds in all)`` of one call of ``fn`` on the CPU,
+    from the profiler's self times (the profiler adds a little to the total, not to a GEMM)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    averages = prof.key_averages()
+    gemm = sum(e.self_cpu_time_total for e in averages if e.key in GEMM_OPS)
+    return gemm / 1e6, sum(e.self_cpu_time_total for e in averages) / 1e6
 
 
 def identity(ours: list[str], theirs: list[str], padded: list[bool]) -> dict[str, list[int]]:
@@ -266,6 +284,19 @@ def main(argv: list[str] | None = None) -> dict:
         say("  (padded rows differ: PEFT puts the virtual tokens before the left pads and drops "
             "position ids, so a padded row's text sits #pads positions further from the prompt; "
             "ours counts positions from the mask, so padding changes nothing)")
+    if torch.device(args.device).type == "cpu":
+        # How high the ratio could go at all: even if everything but the matrix multiplies cost
+        # nothing, ours takes at least its GEMM time (the FLOPs it must do, at the rate these
+        # kernels already reach), so ours/PEFT <= PEFT's pass / ours' GEMM seconds.
+        gemm, total = gemm_seconds(fns["ours"])
+        peft_gemm, peft_total = gemm_seconds(fns[judged])
+        ceiling = common.median(times[judged]) / gemm
+        result["ceiling"] = {"ours_gemm_s": gemm, "ours_profiled_s": total,
+                             f"{judged}_gemm_s": peft_gemm, f"{judged}_profiled_s": peft_total,
+                             "ratio_if_only_gemm_cost_time": ceiling}
+        say(f"  GEMM time per pass (profiled): ours {gemm:.2f} of {total:.2f} s, {judged} "
+            f"{peft_gemm:.2f} of {peft_total:.2f} s; so even with every other cost at zero, "
+            f"ours/{judged} <= {ceiling:.2f}x")
     say(f"  RATIO evaluation throughput ours/{judged} = {base['ratio']:.2f}x (goal >= {GOAL}x, "
         f"identical outputs) {result['verdict']}")
     common.write_json(args.out, {"model": args.model, "dtype": args.dtype,

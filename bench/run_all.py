@@ -107,6 +107,9 @@ def main() -> None:
                            f"{base['identical']['all_rows'][0]}/{base['identical']['all_rows'][1]}"
                            f" rows, {base['identical']['batch_size_1'][0]}/"
                            f"{base['identical']['batch_size_1'][1]} at batch size 1")
+    if "ceiling" in ev:
+        extra_lines.append(f"  eval ceiling (ours at its GEMM time alone): "
+                           f"{ev['ceiling']['ratio_if_only_gemm_cost_time']:.2f}x")
     if "ratio_with_compile" in memory["memory"]:
         extra_lines.append(f"  memory with --compile: "
                            f"{memory['memory']['ratio_with_compile']:.2f} of PEFT")
