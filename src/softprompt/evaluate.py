@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from softprompt import atomic
+from softprompt.batching import length_sorted_batches
 from softprompt.config import GenerationConfig
 from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
@@ -102,11 +103,11 @@ def target_token_loss(model, tokenizer, task: Task, examples: list[Example], sys
         prompt = model.get_input_embeddings().weight.new_zeros(0, model.config.hidden_size)
     prompt = prompt.to(model.device)
     total, count = 0.0, 0
-    # Similar lengths share a batch (the sum does not depend on the order): fewer pads.
-    rows = sorted((e.ids_and_labels() for e in encoded), key=lambda row: len(row[0]))
+    rows = [e.ids_and_labels() for e in encoded]
     bos_offset = int(adds_bos(tokenizer))
-    for i in range(0, len(rows), batch_size):
-        loss_sum, n = rows_loss(model, prompt, rows[i:i + batch_size],
+    # Similar lengths share a batch (the sum does not depend on the order): fewer pads.
+    for batch in length_sorted_batches([len(ids) for ids, _ in rows], batch_size):
+        loss_sum, n = rows_loss(model, prompt, [rows[i] for i in batch],
                                 tokenizer.pad_token_id, bos_offset, model.device)
         total += loss_sum.item()
         count += n

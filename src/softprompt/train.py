@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from softprompt import atomic, checkpoint
-from softprompt.batching import step_order
+from softprompt.batching import length_sorted_batches, step_order
 from softprompt.config import PromptConfig, TrainConfig
 from softprompt.errors import SoftPromptError
 from softprompt.faults import crash_point
@@ -135,7 +135,7 @@ def _compile_layers(model, on: bool) -> None:
 
     The layers share their code, so with dynamic shapes one compiled graph serves every layer
     and every batch length (plus one more for no-grad validation). On SmolLM2-135M (2 CPU
-    cores) a step is 11-17% faster at 4 x 276 tokens and 35% at 8 x 532, after ~15 s of
+    cores) a step is 6-17% faster at 4 x 276 tokens and 35-45% at 8 x 532, after ~15 s of
     compiling (BENCHMARKS.md, 2c and 4c).
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -334,10 +334,11 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
     def validation_loss() -> float:
         assert val_data is not None
         rows = val_data.rows[rank::world]
+        # Similar lengths share a batch (the sum does not depend on the order): fewer pads.
+        batches = length_sorted_batches([len(ids) for ids, _ in rows], cfg.batch_size)
         total = torch.zeros(2, dtype=torch.float64, device=device)
-        batches = _same_count(math.ceil(len(rows) / cfg.batch_size), device, sharded)
-        for i in range(batches):
-            chunk = rows[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        for i in range(_same_count(len(batches), device, sharded)):
+            chunk = [rows[j] for j in batches[i]] if i < len(batches) else []
             # A sharded model needs every rank in every forward: idle ranks run a dummy row.
             loss_sum, count = step_loss(chunk or val_data.rows[:1], 1.0)
             if chunk:
