@@ -91,7 +91,7 @@ def child(method: str, args) -> dict:
     prompt = common.our_prompt(model, tokenizer, task).embeddings.detach()
     if method.startswith("ours"):
         if method == "ours_checkpointing":
-            from softprompt.train import _enable_checkpointing
+            from softprompt.training import _enable_checkpointing
 
             _enable_checkpointing(model)
         runner = Ours(model, tokenizer, prompt, "cpu", compiled=method == "ours_compile")

@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from softprompt.compare import SOFT, compare
+from softprompt.comparison import SOFT, compare
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
 from softprompt.tasks import get_task
 

@@ -20,9 +20,9 @@ import torch
 from softprompt import models
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
 from softprompt.data import read_records
-from softprompt.evaluate import System, evaluate
+from softprompt.evaluation import System, evaluate
 from softprompt.tasks import get_task
-from softprompt.train import train
+from softprompt.training import train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -2,7 +2,7 @@
 
 1. One epoch over a fixed subset of summarization/train.jsonl (the first N records), per
    method, repeated; steps of the two methods interleaved.
-   * ours: the training loop's own step (softprompt.train): ``step_order`` (length-grouped
+   * ours: the training loop's own step (softprompt.training): ``step_order`` (length-grouped
      batches, so each batch is padded only to its own longest row), ``rows_loss`` (right
      padding, so causal attention needs no mask; logits only at target positions),
      ``(loss_sum / n_targets).backward()``, gradient clipping at 1.0, Adam.
@@ -37,7 +37,7 @@ GOAL_STEP_RATIO = 2.2  # our step / no-grad forward, lower is better
 
 
 class Ours:
-    """The step of softprompt.train, minus logging and checkpoints."""
+    """The step of softprompt.training, minus logging and checkpoints."""
 
     def __init__(self, model, tokenizer, prompt: torch.Tensor, device, compiled: bool = False):
         from softprompt.prompt import SoftPrompt
@@ -58,7 +58,7 @@ class Ours:
             for layer, impl in self.compiled:
                 layer._compiled_call_impl = impl
         try:
-            self.opt.zero_grad(set_to_none=False)  # as softprompt.train does
+            self.opt.zero_grad(set_to_none=False)  # as softprompt.training does
             loss_sum, n_targets = rows_loss(self.model, self.soft(), rows, self.pad,
                                             self.bos_offset, self.device)
             loss = loss_sum / n_targets
@@ -77,7 +77,7 @@ def compiled_layers(model) -> list:
     the layers are left eager."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from softprompt.train import _compile_layers
+    from softprompt.training import _compile_layers
 
     _compile_layers(model, on=True)
     pairs = [(m, m._compiled_call_impl) for m in model.modules()
@@ -131,7 +131,7 @@ def bench_train(model, tokenizer, task, args, max_tokens: int, label: str = "[1]
     ``max_tokens`` caps each row's text tokens (the trainer's ``max_length`` is ``P`` more).
     """
     from softprompt.batching import step_order
-    from softprompt.train import encode_dataset
+    from softprompt.training import encode_dataset
 
     records = common.read_subset(common.TRAIN_FILE, args.examples)
     max_length = common.NUM_VIRTUAL_TOKENS + max_tokens

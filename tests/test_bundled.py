@@ -14,7 +14,7 @@ from softprompt.data import read_records
 from softprompt.generation import generate
 from softprompt.prompt import init_prompt, load_prompt_tensor
 from softprompt.tasks import get_task, make_example, render_input
-from softprompt.train import train
+from softprompt.training import train
 
 SAMPLES = Path(__file__).resolve().parents[1] / "src" / "softprompt" / "samples"
 

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from softprompt.compare import SOFT, compare, summary
+from softprompt.comparison import SOFT, compare, summary
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
 from softprompt.data import read_records
-from softprompt.evaluate import (
+from softprompt.evaluation import (
     METRICS_FILE,
     PREDICTIONS_FILE,
     System,
@@ -167,7 +167,7 @@ def test_cli_evaluate_and_compare(tiny_dirs, samples, tmp_path, capsys):
 
 
 def test_chat_baseline_wraps_instruction_and_input_in_the_chat_template(tiny, samples):
-    from softprompt.evaluate import _encode
+    from softprompt.evaluation import _encode
 
     model, tok, _ = tiny
     tok.chat_template = ("{% for m in messages %}<s>user: {{ m['content'] }}</s>{% endfor %}"

@@ -109,7 +109,7 @@ def test_nan_loss_stops_with_clear_message(tiny_dirs, tmp_path):
     from softprompt.data import read_records
     from softprompt.models import load_model
     from softprompt.tasks import get_task
-    from softprompt.train import train
+    from softprompt.training import train
 
     # An absurd learning rate blows GPT-2's activations up to inf/nan within a few steps.
     # (Llama's RMSNorm maps a huge prompt to zeros instead, so it needs no such guard here.)

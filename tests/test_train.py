@@ -16,7 +16,7 @@ from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
 from softprompt.prompt import CONFIG_FILE, PROMPT_FILE, init_prompt, load_prompt_tensor
 from softprompt.tasks import Task, encode_example, get_task, make_example, render_input
-from softprompt.train import LOG_FILE, encode_dataset, train
+from softprompt.training import LOG_FILE, encode_dataset, train
 
 TRANSLATION = get_task("translation")
 YES = Task("custom", "{source}\nOut:", "target")  # the target is always "yes yes"

@@ -21,8 +21,8 @@ from softprompt.data import read_records
 from softprompt.errors import SoftPromptError
 from softprompt.prompt import check_hidden_size, load_prompt_tensor
 from softprompt.tasks import Task, get_task, make_example, render_input
-from softprompt.train import TrainResult, check_output_dir
-from softprompt.train import train as _train
+from softprompt.training import TrainResult, check_output_dir
+from softprompt.training import train as _train
 
 
 def _split_options(options: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
@@ -63,7 +63,7 @@ def train(task: str | Task, train: str | Path, output: str | Path, *,
 
 
 def _device() -> torch.device:
-    from softprompt.train import distributed_state
+    from softprompt.training import distributed_state
 
     return distributed_state().device
 

@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                        model=args.model, split=args.split, overwrite=args.overwrite,
                        resume=args.resume, progress=not args.quiet,
                        **_pick(args, PromptConfig), **_pick(args, TrainConfig))
-    from softprompt.train import distributed_state
+    from softprompt.training import distributed_state
 
     if distributed_state().is_main_process:
         print(f"saved prompt to {args.output} ({json.dumps(result.meta.metrics)})")
@@ -121,7 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from softprompt import models
     from softprompt.data import read_records
-    from softprompt.evaluate import System, evaluate, write_eval
+    from softprompt.evaluation import System, evaluate, write_eval
     from softprompt.prompt import check_hidden_size, load_prompt_tensor
     from softprompt.tasks import Task
 
@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from softprompt.compare import compare, summary
+    from softprompt.comparison import compare, summary
 
     options = _pick(args, GenerationConfig)
     task = _task(args)

@@ -16,7 +16,7 @@ from softprompt import atomic, models
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
 from softprompt.data import read_records
 from softprompt.errors import SoftPromptError
-from softprompt.evaluate import (
+from softprompt.evaluation import (
     METRICS_FILE,
     PREDICTIONS_FILE,
     System,
@@ -27,7 +27,7 @@ from softprompt.evaluate import (
 from softprompt.prompt import check_hidden_size, load_prompt_tensor
 from softprompt.report import ModelComparison, markdown_table, metrics_table, write_report
 from softprompt.tasks import Task, make_examples
-from softprompt.train import LOG_FILE, train
+from softprompt.training import LOG_FILE, train
 
 SOFT = "soft prompt"
 
