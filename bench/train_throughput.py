@@ -40,8 +40,8 @@ class Ours:
     """The step of softprompt.training, minus logging and checkpoints."""
 
     def __init__(self, model, tokenizer, prompt: torch.Tensor, device, compiled: bool = False):
+        from softprompt.encode import adds_bos
         from softprompt.prompt import SoftPrompt
-        from softprompt.tasks import adds_bos
 
         self.model, self.device = model, device
         self.pad, self.bos_offset = tokenizer.pad_token_id, int(adds_bos(tokenizer))
@@ -131,7 +131,7 @@ def bench_train(model, tokenizer, task, args, max_tokens: int, label: str = "[1]
     ``max_tokens`` caps each row's text tokens (the trainer's ``max_length`` is ``P`` more).
     """
     from softprompt.batching import step_order
-    from softprompt.training import encode_dataset
+    from softprompt.encode import encode_dataset
 
     records = common.read_subset(common.TRAIN_FILE, args.examples)
     max_length = common.NUM_VIRTUAL_TOKENS + max_tokens
@@ -209,7 +209,8 @@ def fixed_batch(tokenizer, task, rows_n: int, tokens: int, targets: int, offset:
     Each row is consecutive training examples (input + target ids) joined and cut, so the
     tokens are real text; no padding anywhere.
     """
-    from softprompt.tasks import encode_example, make_examples
+    from softprompt.encode import encode_example
+    from softprompt.tasks import make_examples
 
     records = common.read_subset(common.TRAIN_FILE, offset + 50 * rows_n)[offset:]
     stream: list[int] = []

@@ -6,6 +6,7 @@ import torch
 
 from softprompt.batching import collate
 from softprompt.config import GenerationConfig
+from softprompt.encode import adds_bos
 from softprompt.generation import generate, generate_reference
 from softprompt.inputs import (
     IGNORE_INDEX,
@@ -20,7 +21,6 @@ from softprompt.inputs import (
     right_padded_batch,
     target_loss,
 )
-from softprompt.tasks import adds_bos
 
 TEXTS = ["A dog runs on the beach.", "Two children play football in a park near the river.",
          "Rain."]

@@ -12,11 +12,12 @@ import torch
 from softprompt import api, checkpoint
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
 from softprompt.data import read_records
+from softprompt.encode import encode_dataset, encode_example
 from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
 from softprompt.prompt import CONFIG_FILE, PROMPT_FILE, init_prompt, load_prompt_tensor
-from softprompt.tasks import Task, encode_example, get_task, make_example, render_input
-from softprompt.training import LOG_FILE, encode_dataset, train
+from softprompt.tasks import Task, get_task, make_example, render_input
+from softprompt.training import LOG_FILE, train
 
 TRANSLATION = get_task("translation")
 YES = Task("custom", "{source}\nOut:", "target")  # the target is always "yes yes"

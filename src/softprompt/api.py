@@ -63,7 +63,7 @@ def train(task: str | Task, train: str | Path, output: str | Path, *,
 
 
 def _device() -> torch.device:
-    from softprompt.training import distributed_state
+    from softprompt.distributed import distributed_state
 
     return distributed_state().device
 

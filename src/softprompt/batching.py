@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from softprompt.tasks import IGNORE_INDEX
+from softprompt.encode import IGNORE_INDEX
 
 GROUP_STEPS = 50  # optimizer steps per length-sorting chunk
 

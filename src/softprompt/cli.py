@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                        model=args.model, split=args.split, overwrite=args.overwrite,
                        resume=args.resume, progress=not args.quiet,
                        **_pick(args, PromptConfig), **_pick(args, TrainConfig))
-    from softprompt.training import distributed_state
+    from softprompt.distributed import distributed_state
 
     if distributed_state().is_main_process:
         print(f"saved prompt to {args.output} ({json.dumps(result.meta.metrics)})")

@@ -18,11 +18,12 @@ import torch
 from softprompt import atomic
 from softprompt.batching import length_sorted_batches
 from softprompt.config import GenerationConfig
+from softprompt.encode import adds_bos, encode_example
 from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
 from softprompt.inputs import rows_loss
 from softprompt.metrics import compute_metrics, example_scores
-from softprompt.tasks import Example, Task, adds_bos, encode_example, make_examples, render_input
+from softprompt.tasks import Example, Task, make_examples, render_input
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from softprompt.batching import length_sorted_batches
 from softprompt.config import GenerationConfig
+from softprompt.encode import adds_bos
 from softprompt.errors import SoftPromptError
 from softprompt.inputs import (
     build_prompt_cache,
@@ -24,7 +25,6 @@ from softprompt.inputs import (
     reserved_cache,
     select_rows,
 )
-from softprompt.tasks import adds_bos
 
 
 def cut_at_stop(text: str, stop: str | None) -> tuple[str, bool]:

@@ -34,7 +34,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from softprompt.batching import collate
-from softprompt.tasks import IGNORE_INDEX
+from softprompt.encode import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "PromptedBatch", "PromptCache", "insert_prompt", "prompted_batch",
            "right_padded_batch", "target_loss", "rows_loss", "full_logits", "build_prompt_cache",

@@ -9,7 +9,6 @@ over the whole step, so 1 process x batch 8 and 2 processes x batch 4 compute th
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 import time
@@ -24,10 +23,12 @@ from tqdm.auto import tqdm
 from softprompt import atomic, checkpoint
 from softprompt.batching import length_sorted_batches, step_order
 from softprompt.config import PromptConfig, TrainConfig
+from softprompt.distributed import all_reduce_sum, distributed_state, same_count, shard_layers
+from softprompt.encode import adds_bos, encode_dataset
 from softprompt.errors import SoftPromptError
 from softprompt.faults import crash_point
 from softprompt.inputs import rows_loss
-from softprompt.models import freeze
+from softprompt.models import decoder_layers, freeze
 from softprompt.prompt import (
     CONFIG_FILE,
     PROMPT_FILE,
@@ -36,7 +37,7 @@ from softprompt.prompt import (
     prompt_exists,
     save_prompt,
 )
-from softprompt.tasks import Encoded, Task, adds_bos, encode_example, make_examples
+from softprompt.tasks import Task
 
 LOG_FILE = "log.jsonl"
 
@@ -51,32 +52,6 @@ class TrainResult:
     output_dir: Path | None = None
 
 
-@dataclass
-class _Data:
-    rows: list[tuple[list[int], list[int]]]  # (ids, labels)
-    truncated: int
-    skipped: int
-
-
-def encode_dataset(task: Task, records: list[dict], tokenizer, num_virtual_tokens: int,
-                   max_length: int, what: str) -> _Data:
-    """Records -> (ids, labels) rows; reports truncation and examples too long to keep."""
-    rows, truncated, skipped = [], 0, 0
-    for example in make_examples(task, records):
-        enc: Encoded | None = encode_example(task, example, tokenizer,
-                                             num_virtual_tokens=num_virtual_tokens,
-                                             max_length=max_length)
-        if enc is None:
-            skipped += 1
-            continue
-        truncated += enc.truncated
-        rows.append(enc.ids_and_labels())
-    if not rows:
-        raise SoftPromptError(f"no {what} example fits in --max-length {max_length} with "
-                              f"{num_virtual_tokens} virtual tokens; raise --max-length")
-    return _Data(rows, truncated, skipped)
-
-
 def check_output_dir(out: str | Path, overwrite: bool, resume: bool) -> None:
     """Refuse a file, or a directory that already holds a prompt (unless told otherwise)."""
     out = Path(out)
@@ -85,22 +60,6 @@ def check_output_dir(out: str | Path, overwrite: bool, resume: bool) -> None:
     if prompt_exists(out) and not (overwrite or resume):
         raise SoftPromptError(f"{out} already holds a prompt; pass --overwrite to replace it or "
                               f"--resume to continue training")
-
-
-def distributed_state():
-    """Accelerate's process state: one process, or one of several under ``accelerate launch``
-    / ``torchrun``. Without CUDA the processes talk over gloo on the CPU."""
-    from accelerate import PartialState
-
-    use_cpu = (not torch.cuda.is_available()
-               or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
-    return PartialState(cpu=use_cpu)
-
-
-def _all_reduce_sum(tensor: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -123,11 +82,8 @@ def _enable_checkpointing(model) -> None:
         enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            module.training = True
+    for module in decoder_layers(model):
+        module.training = True
 
 
 def _compile_layers(model, on: bool) -> None:
@@ -138,51 +94,18 @@ def _compile_layers(model, on: bool) -> None:
     cores) a step is 6-17% faster at 4 x 276 tokens and 35-45% at 8 x 532, after ~15 s of
     compiling (BENCHMARKS.md, 2c and 4c).
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            if on:
-                module.compile(dynamic=True)
-            else:
-                module._compiled_call_impl = None  # what nn.Module.compile() set
+    for module in decoder_layers(model):
+        if on:
+            module.compile(dynamic=True)
+        else:
+            module._compiled_call_impl = None  # what nn.Module.compile() set
 
 
 def _disable_checkpointing(model) -> None:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     disable = getattr(model, "activation_checkpointing_disable", None)
     (disable or model.gradient_checkpointing_disable)()
-    for module in model.modules():
-        if isinstance(module, GradientCheckpointingLayer):
-            module.training = False
-
-
-def shard_layers(model) -> None:
-    """Shard each decoder layer's frozen weights across processes (FSDP2 ``fully_shard``).
-
-    The layers hold nearly all of a model's weights; embeddings, final norm and head stay whole
-    on every process. Each layer gathers its weights for its forward and backward and frees
-    them after, so a model too large for one device trains its prompt on several.
-    """
-    from torch.distributed.fsdp import fully_shard
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise SoftPromptError(f"--shard-model: no decoder layers found in "
-                              f"{type(model).__name__}; train without it")
-    for layer in layers:
-        fully_shard(layer)
-
-
-def _same_count(count: int, device: torch.device, sharded: bool) -> int:
-    """With a sharded model every rank must run as many forwards as the busiest one."""
-    if not sharded:
-        return count
-    t = torch.tensor([count], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t)
+    for module in decoder_layers(model):
+        module.training = False
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -337,14 +260,14 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
         # Similar lengths share a batch (the sum does not depend on the order): fewer pads.
         batches = length_sorted_batches([len(ids) for ids, _ in rows], cfg.batch_size)
         total = torch.zeros(2, dtype=torch.float64, device=device)
-        for i in range(_same_count(len(batches), device, sharded)):
+        for i in range(same_count(len(batches), device, sharded)):
             chunk = [rows[j] for j in batches[i]] if i < len(batches) else []
             # A sharded model needs every rank in every forward: idle ranks run a dummy row.
             loss_sum, count = step_loss(chunk or val_data.rows[:1], 1.0)
             if chunk:
                 total += torch.tensor([loss_sum.item(), count], dtype=torch.float64,
                                       device=device)
-        total = _all_reduce_sum(total, world)
+        total = all_reduce_sum(total, world)
         return (total[0] / total[1]).item()
 
     # 3. Fit. Checkpointing/compiling change the caller's model object: undone however the
@@ -384,9 +307,9 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
                     (loss * weight).backward()
                     step_sum += loss.item() * n_targets * weight
                 if world > 1:
-                    _all_reduce_sum(soft.embeddings.grad, world)
+                    all_reduce_sum(soft.embeddings.grad, world)
                     total = torch.tensor([step_sum], dtype=torch.float64, device=device)
-                    step_sum = _all_reduce_sum(total, world).item()
+                    step_sum = all_reduce_sum(total, world).item()
                 step_loss_value = step_sum / n_targets
                 if not math.isfinite(step_loss_value):
                     last = checkpoint.list_checkpoints(out)

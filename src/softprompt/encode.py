@@ -1,0 +1,116 @@
+"""Records -> token ids and labels: the template filled, one field truncated to fit.
+
+The input is tokenized as the tokenizer tokenizes a whole text (BOS first where it adds one);
+the target follows with EOS, and its labels are the only ones that carry loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from softprompt.errors import SoftPromptError
+from softprompt.tasks import Example, Task, make_examples, render_input
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (pads, prompt, input)
+
+
+@dataclass
+class Encoded:
+    """Token ids of one example. ``input_ids`` starts with BOS where the tokenizer adds one."""
+
+    input_ids: list[int]
+    target_ids: list[int]  # target tokens + EOS (empty when encoding for generation)
+    truncated: bool = False
+
+    def ids_and_labels(self) -> tuple[list[int], list[int]]:
+        """Concatenated ids and labels (IGNORE_INDEX on the input)."""
+        ids = self.input_ids + self.target_ids
+        return ids, [IGNORE_INDEX] * len(self.input_ids) + self.target_ids
+
+
+def adds_bos(tokenizer) -> bool:
+    """Does ``tokenizer(text)`` put BOS first?"""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return bool(ids) and ids[0] == bos
+
+
+def encode_example(task: Task, example: Example, tokenizer, *, instruction: str = "",
+                   num_virtual_tokens: int = 0, max_length: int | None = None,
+                   with_target: bool = True,
+                   wrap: Callable[[str], str] | None = None) -> Encoded | None:
+    """Tokenize one example, cutting ``task.truncate_field`` (never the target) to fit.
+
+    The budget is ``max_length - num_virtual_tokens``. Returns None when even an empty source
+    leaves no room (the target alone is too long). ``wrap`` rewrites the rendered input before
+    tokenization (e.g. a chat template, which carries its own special tokens).
+    """
+
+    def tokenize(text: str) -> list[int]:
+        if wrap is None:
+            return tokenizer(text).input_ids
+        return tokenizer(wrap(text), add_special_tokens=False).input_ids
+
+    target_ids: list[int] = []
+    if with_target:
+        target_ids = tokenizer(" " + example.target, add_special_tokens=False).input_ids
+        target_ids.append(tokenizer.eos_token_id)
+    input_ids = tokenize(render_input(task, example, instruction))
+    if max_length is None:
+        return Encoded(input_ids, target_ids)
+    budget = max_length - num_virtual_tokens - len(target_ids)
+    if len(input_ids) <= budget:
+        return Encoded(input_ids, target_ids)
+    name = task.truncate_field
+    if name is None or name not in example.fields:
+        return None
+    # Cut the field's tokens by the overflow, re-render, and repeat while tokenization at the
+    # cut still leaves the input too long.
+    field_ids = tokenizer(example.fields[name], add_special_tokens=False).input_ids
+    keep = len(field_ids) - (len(input_ids) - budget)
+    while keep > 0:
+        text = tokenizer.decode(field_ids[:keep]).rstrip()
+        input_ids = tokenize(render_input(task, example, instruction,
+                                          {**example.fields, name: text}))
+        if len(input_ids) <= budget:
+            return Encoded(input_ids, target_ids, truncated=True)
+        keep -= max(1, len(input_ids) - budget)
+    return None
+
+
+@dataclass
+class EncodedDataset:
+    """Encoded rows of a dataset and how many examples were cut or skipped to fit."""
+
+    rows: list[tuple[list[int], list[int]]]  # (ids, labels)
+    truncated: int
+    skipped: int
+
+
+def encode_dataset(task: Task, records: list[dict], tokenizer, num_virtual_tokens: int,
+                   max_length: int, what: str) -> EncodedDataset:
+    """Records -> (ids, labels) rows; reports truncation and examples too long to keep."""
+    rows, truncated, skipped = [], 0, 0
+    for example in make_examples(task, records):
+        enc: Encoded | None = encode_example(task, example, tokenizer,
+                                             num_virtual_tokens=num_virtual_tokens,
+                                             max_length=max_length)
+        if enc is None:
+            skipped += 1
+            continue
+        truncated += enc.truncated
+        rows.append(enc.ids_and_labels())
+    if not rows:
+        raise SoftPromptError(f"no {what} example fits in --max-length {max_length} with "
+                              f"{num_virtual_tokens} virtual tokens; raise --max-length")
+    return EncodedDataset(rows, truncated, skipped)
+
+
+def context_limit(model) -> int | None:
+    """The most positions the model can attend over (GPT-2's learned 1,024, Llama's
+    ``max_position_embeddings``), or None where its config names no limit."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
