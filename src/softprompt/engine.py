@@ -127,6 +127,7 @@ class Completion:
     error: str | None = None
     queue_seconds: float = 0.0  # submitted -> prefill started
     first_token_seconds: float = 0.0  # submitted -> first token
+    seconds: float = 0.0  # submitted -> finished
 
 
 class Handle:
@@ -134,8 +135,10 @@ class Handle:
     :meth:`result`. Thread-safe; :meth:`cancel` frees its batch row at the next step."""
 
     def __init__(self, ident: int, prompt: str | None, input_ids: list[int],
-                 params: SamplingParams):
+                 params: SamplingParams,
+                 listener: Callable[[str, str | Completion], None] | None = None):
         self.id, self.prompt, self.input_ids, self.params = ident, prompt, input_ids, params
+        self._listener = listener  # called from the engine's thread with every event
         self.submitted = time.perf_counter()
         self.started: float | None = None
         self.first_token: float | None = None
@@ -147,13 +150,18 @@ class Handle:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def _emit(self, kind: str, value: str | Completion) -> None:
+        self._events.put((kind, value))
+        if self._listener is not None:
+            self._listener(kind, value)
+
     def _delta(self, text: str) -> None:
-        self._events.put(("delta", text))
+        self._emit("delta", text)
 
     def _finish(self, completion: Completion) -> None:
         self._completion = completion
-        self._events.put(("done", completion))
         self._done.set()
+        self._emit("done", completion)
 
     @property
     def done(self) -> bool:
@@ -227,6 +235,7 @@ class Engine:
         self._pending: torch.Tensor | None = None
         self._thread: threading.Thread | None = None
         self._stop_thread = threading.Event()
+        self.on_step: Callable[[int], None] | None = None  # called with each step's batch size
 
     # --- prompts -------------------------------------------------------------------------------
 
@@ -255,6 +264,14 @@ class Engine:
     def prompt_names(self) -> list[str]:
         return sorted(n for n in self._prompts if n is not None)
 
+    def prefix_length(self, prompt: str | None) -> int:
+        """Positions the prompt's prefix takes (BOS included where the tokenizer adds one)."""
+        entry = self._prompts.get(prompt)
+        if entry is None:
+            raise SoftPromptError(f"no prompt named {prompt!r}")
+        tokens = 0 if entry.tensor is None else entry.tensor.shape[0]
+        return tokens + (self.bos is not None)
+
     def _prefix(self, entry: _Prompt) -> PromptCache | None:
         if entry.tensor is None and self.bos is None:
             return None  # the bare model without BOS: nothing stands before the input
@@ -272,16 +289,19 @@ class Engine:
         return ids
 
     def submit(self, prompt: str | None, inputs: str | list[int],
-               params: SamplingParams | None = None) -> Handle:
+               params: SamplingParams | None = None,
+               listener: Callable[[str, str | Completion], None] | None = None) -> Handle:
         """Queue one request behind ``prompt`` (a registered name, or None for the bare
-        model); ``inputs`` is the rendered input text or its ids (without BOS)."""
+        model); ``inputs`` is the rendered input text or its ids (without BOS). ``listener``
+        is called from the engine's thread with each ``("delta", text)`` and the final
+        ``("done", Completion)``."""
         ids = self.encode(inputs) if isinstance(inputs, str) else list(inputs)
         if not ids:
             raise SoftPromptError("the input is empty; give some text to continue")
         if prompt not in self._prompts:
             raise SoftPromptError(f"no prompt named {prompt!r}; known: {self.prompt_names()}")
         with self._lock:
-            handle = Handle(self._next_id, prompt, ids, params or SamplingParams())
+            handle = Handle(self._next_id, prompt, ids, params or SamplingParams(), listener)
             self._next_id += 1
             self._waiting.append(handle)
         self._wake.set()
@@ -352,6 +372,8 @@ class Engine:
                         "cancelled")
         worked = False
         if self._rows:
+            if self.on_step is not None:
+                self.on_step(len(self._rows))
             self._decode()
             worked = True
         admitted = self._admit()
@@ -498,7 +520,8 @@ class Engine:
                                  len(h.input_ids),
                                  queue_seconds=(h.started or h.submitted) - h.submitted,
                                  first_token_seconds=(h.first_token or h.submitted)
-                                 - h.submitted))
+                                 - h.submitted,
+                                 seconds=time.perf_counter() - h.submitted))
         gone = set(indices)
         keep = [i for i in range(len(self._rows)) if i not in gone]
         self._rows = [self._rows[i] for i in keep]
