@@ -224,3 +224,21 @@ def test_bundled_model_mixed_batch_equals_each_request_alone():
                 for t, n in jobs]
     assert outs == expected
     assert len(set(outs)) >= 4
+
+
+def test_unmixed_engine_batches_one_prompt_at_a_time_with_the_same_outputs(tiny):
+    model, tok, _ = tiny
+    _responsive(model)
+    prompts = _prompts(model)
+    mixed, single = Engine(model, tok), Engine(model, tok, mixed=False)
+    sizes = {True: [], False: []}
+    for engine in (mixed, single):
+        for name, tensor in prompts.items():
+            engine.add_prompt(name, tensor)
+        engine.on_step = sizes[engine.mixed].append
+    jobs = [(TEXTS[i % 6], ["p3", "p5", "p8"][i % 3]) for i in range(9)]
+    params = SamplingParams(max_new_tokens=6)
+    outs = [e.generate([t for t, _ in jobs], [n for _, n in jobs], params)
+            for e in (mixed, single)]
+    assert outs[0] == outs[1]
+    assert max(sizes[True]) == 9 and max(sizes[False]) == 3

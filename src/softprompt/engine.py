@@ -209,15 +209,19 @@ class Engine:
         model, tokenizer: the frozen model (see :func:`softprompt.load_model`).
         max_batch_size: rows decoded together at most; further requests wait.
         prefix_cache_bytes: bound of the KV prefix cache.
+        mixed: let rows of different prompts share a batch. Off, the engine batches one
+            prompt's requests at a time (what adapter-per-batch servers do; a benchmark
+            reference).
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32,
-                 prefix_cache_bytes: int = 512 << 20):
+                 prefix_cache_bytes: int = 512 << 20, mixed: bool = True):
         if max_batch_size <= 0:
             raise SoftPromptError(f"--max-batch-size must be positive, got {max_batch_size}")
         self.model, self.tokenizer = model, tokenizer
         self.device = model.device
         self.max_batch_size = max_batch_size
+        self.mixed = mixed
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
         self.eos = tokenizer.eos_token_id
@@ -385,7 +389,14 @@ class Engine:
     def _admit(self) -> list[tuple[Handle, PromptCache | None]]:
         room = self.max_batch_size - len(self._rows)
         with self._lock:
-            taken, self._waiting = self._waiting[:room], self._waiting[room:]
+            if self.mixed:
+                taken, self._waiting = self._waiting[:room], self._waiting[room:]
+            else:  # only the running prompt's requests (or the oldest waiting one's)
+                current = self._rows[0].handle.prompt if self._rows else (
+                    self._waiting[0].prompt if self._waiting else None)
+                same = [h for h in self._waiting if h.prompt == current][:room]
+                taken = same
+                self._waiting = [h for h in self._waiting if not any(h is t for t in same)]
             entries = [self._prompts.get(h.prompt) for h in taken]
         admitted = []
         for handle, entry in zip(taken, entries):
