@@ -11,7 +11,7 @@ import torch
 from softprompt import atomic, models
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
 from softprompt.data import read_records
-from softprompt.generation import generate
+from softprompt.generation import cut_at_stop, generate, generate_reference
 from softprompt.prompt import init_prompt, load_prompt_tensor
 from softprompt.tasks import get_task, make_example, render_input
 from softprompt.training import train
@@ -45,7 +45,10 @@ def test_bundled_smollm2_trains_and_generates(tmp_path):
     text = render_input(task, make_example(task, {"source": "The cat sleeps.", "target": "-"}))
     (out,) = generate(model, tok, [text], result.prompt, GenerationConfig(max_new_tokens=5),
                       stop=task.stop)
-    assert isinstance(out, str)
+    # The cached, batched decoding gives the uncached reference's greedy tokens.
+    ref = generate_reference(model, tok, text, result.prompt, 5)
+    assert out == cut_at_stop(tok.decode(ref, skip_special_tokens=True), task.stop)[0]
+    assert out and len(ref) == 5  # five real tokens, no early EOS
     assert len(tok(out, add_special_tokens=False).input_ids) <= 5
 
 

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from softprompt.batching import collate
 from softprompt.config import GenerationConfig
 from softprompt.encode import adds_bos
+from softprompt.errors import SoftPromptError
 from softprompt.generation import generate, generate_reference
 from softprompt.inputs import (
     IGNORE_INDEX,
     build_prompt_cache,
     cached_forward,
+    empty_prompt,
     first_positions,
     full_logits,
     insert_prompt,
+    plain_head,
     positions_from_mask,
     prompted_batch,
     reserved_cache,
@@ -208,3 +212,93 @@ def test_rows_leaving_the_batch_early_do_not_change_the_others(tiny):
         assert together == alone
         if stop:  # rows really did stop at different steps
             assert len({len(x) for x in together}) > 1
+
+
+# --- target-only logits, checked per model (defect 8) -----------------------------------------
+
+
+def _scaled_gpt2(model_dir):
+    """The tiny GPT-2 with its logits tripled after the head, as a model's forward may
+    post-process them (Gemma 2 soft-caps, Cohere scales) without a config name saying so."""
+    from transformers import GPT2LMHeadModel
+
+    from softprompt.models import freeze
+
+    class ScaledGPT2(GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    return freeze(ScaledGPT2.from_pretrained(model_dir))
+
+
+def _loss_rows(tok):
+    rows = []
+    for t in TEXTS:
+        ids = tok(t).input_ids
+        target = tok(" target words", add_special_tokens=False).input_ids + [tok.eos_token_id]
+        rows.append((ids + target, [IGNORE_INDEX] * len(ids) + target))
+    return rows
+
+
+def _full_logits_loss(model, merged) -> torch.Tensor:
+    logits = full_logits(model, merged)[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             merged.labels[:, 1:].reshape(-1), reduction="sum")
+
+
+def test_post_processed_logits_take_the_full_logits_path(tiny_dirs):
+    from softprompt.models import load_model
+
+    _, tok = load_model(str(tiny_dirs["gpt2"]))
+    model = _scaled_gpt2(tiny_dirs["gpt2"])
+    batch = collate(_loss_rows(tok), tok.pad_token_id, side="right")
+    merged = right_padded_batch(model, _prompt(model), batch["input_ids"], batch["labels"])
+    loss_sum, _ = target_loss(model, merged)
+    torch.testing.assert_close(loss_sum, _full_logits_loss(model, merged), atol=1e-4, rtol=1e-5)
+    assert not plain_head(model)
+
+
+def test_soft_capped_gemma2_takes_the_full_logits_path(tiny_dirs):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from softprompt.models import load_model
+
+    _, tok = load_model(str(tiny_dirs["gpt2"]))
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=16, final_logit_softcapping=0.5, pad_token_id=0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    batch = collate(_loss_rows(tok), tok.pad_token_id, side="right")
+    merged = right_padded_batch(model, _prompt(model), batch["input_ids"], batch["labels"])
+    loss_sum, _ = target_loss(model, merged)
+    torch.testing.assert_close(loss_sum, _full_logits_loss(model, merged), atol=1e-4, rtol=1e-5)
+    assert not plain_head(model)
+
+
+def test_plain_heads_take_the_target_only_path(tiny):
+    model, tok, _ = tiny
+    assert plain_head(model)
+    # Checked once per model: the answer is kept, no second probe forward.
+    forwards = []
+    handle = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        assert plain_head(model)
+    finally:
+        handle.remove()
+    assert forwards == []
+
+
+def test_empty_prompt_and_the_one_width_check(tiny):
+    model, tok, _ = tiny
+    empty = empty_prompt(model)
+    assert empty.shape == (0, 32) and empty.dtype == model.get_input_embeddings().weight.dtype
+    ids = torch.tensor([tok("Rain.").input_ids])
+    plain = prompted_batch(model, empty, ids, torch.ones_like(ids))
+    torch.testing.assert_close(full_logits(model, plain), model(input_ids=ids).logits)
+    # A prompt of another width is refused with the same one-line error as loading one.
+    with pytest.raises(SoftPromptError, match=r"^prompt hidden size 16 does not match the "
+                                              r"model's 32; use the --model"):
+        prompted_batch(model, torch.zeros(3, 16), ids, torch.ones_like(ids))

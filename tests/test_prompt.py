@@ -11,6 +11,7 @@ from safetensors import safe_open
 from softprompt import api
 from softprompt.config import PromptInit
 from softprompt.errors import SoftPromptError
+from softprompt.generation import cut_at_stop, generate_reference
 from softprompt.models import load_model
 from softprompt.prompt import (
     CONFIG_FILE,
@@ -157,7 +158,10 @@ def test_prompt_with_bf16_model_stays_float32(tiny, tmp_path):
     assert pm.prompt.dtype == torch.float32
     assert torch.equal(pm.prompt, soft.embeddings.detach())
     out = pm.generate("A dog runs.", max_new_tokens=3)
-    assert isinstance(out, str)
+    # The cached bf16 decoding gives the uncached reference's greedy tokens.
+    ref = generate_reference(model, tok, pm.render("A dog runs."), pm.prompt, 3)
+    assert len(ref) == 3
+    assert out == cut_at_stop(tok.decode(ref, skip_special_tokens=True), pm.task.stop)[0]
 
 
 def test_save_refuses_shape_that_disagrees_with_meta(tmp_path):

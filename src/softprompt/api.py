@@ -18,9 +18,10 @@ import torch
 from softprompt import generation, models
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
 from softprompt.data import read_records
+from softprompt.encode import context_limit, encode_for_generation
 from softprompt.errors import SoftPromptError
 from softprompt.prompt import check_hidden_size, load_prompt_tensor
-from softprompt.tasks import Task, get_task, make_example, render_input
+from softprompt.tasks import Task, get_task, input_example, make_example, render_input
 from softprompt.training import TrainResult, check_output_dir
 from softprompt.training import train as _train
 
@@ -80,24 +81,26 @@ class PromptedModel:
 
     def render(self, item: str | dict) -> str:
         """A raw text (for one-field templates) or a record -> the templated input text."""
-        if isinstance(item, dict):
-            return render_input(self.task, make_example(self.task, item, with_target=False))
-        names = self.task.placeholders()
-        if len(names) != 1:
-            raise SoftPromptError(f"task {self.task.name!r} needs fields {names}; pass a record "
-                                  f"(a JSON object) instead of plain text")
-        return self.task.template.format(**{names[0]: item})
+        return render_input(self.task, input_example(self.task, item))
 
     def generate(self, inputs: str | dict | list[str | dict], **options: Any) -> str | list[str]:
-        """Generate for one input or a list; options are GenerationConfig fields."""
+        """Generate for one input or a list; options are GenerationConfig fields.
+
+        Each input's truncate field is cut (as in training) to leave the model's positions
+        room for the prompt and ``max_new_tokens``; a task without one refuses a long input.
+        """
         single = not isinstance(inputs, list)
         items = [inputs] if single else inputs
         opts = {"max_new_tokens": self.task.max_new_tokens, **options}
         progress = opts.pop("progress", False)
-        texts = [self.render(x) for x in items]
-        outs = generation.generate(self.model, self.tokenizer, texts, self.prompt,
-                                   GenerationConfig(**opts), stop=self.task.stop,
-                                   progress=progress)
+        cfg = GenerationConfig(**opts)
+        ids = [encode_for_generation(self.task, input_example(self.task, x, i), self.tokenizer,
+                                     num_virtual_tokens=self.prompt.shape[0],
+                                     max_new_tokens=cfg.max_new_tokens,
+                                     max_length=context_limit(self.model))
+               for i, x in enumerate(items)]
+        outs = generation.generate(self.model, self.tokenizer, ids, self.prompt, cfg,
+                                   stop=self.task.stop, progress=progress)
         return outs[0] if single else outs
 
 

@@ -46,19 +46,22 @@ def encode_example(task: Task, example: Example, tokenizer, *, instruction: str 
 
     The budget is ``max_length - num_virtual_tokens``. Returns None when even an empty source
     leaves no room (the target alone is too long). ``wrap`` rewrites the rendered input before
-    tokenization (e.g. a chat template, which carries its own special tokens).
+    tokenization (e.g. a chat template, which carries its own special tokens). The target's
+    ids are those it has in the whole text ``input + " " + target`` (:func:`target_token_ids`).
     """
+    special = wrap is None  # a chat template carries its own special tokens
 
     def tokenize(text: str) -> list[int]:
-        if wrap is None:
-            return tokenizer(text).input_ids
-        return tokenizer(wrap(text), add_special_tokens=False).input_ids
+        return tokenizer(text if wrap is None else wrap(text),
+                         add_special_tokens=special).input_ids
 
+    text = render_input(task, example, instruction)
+    input_ids = tokenize(text)
     target_ids: list[int] = []
     if with_target:
-        target_ids = tokenizer(" " + example.target, add_special_tokens=False).input_ids
-        target_ids.append(tokenizer.eos_token_id)
-    input_ids = tokenize(render_input(task, example, instruction))
+        whole = text if wrap is None else wrap(text)
+        target_ids = target_token_ids(tokenizer, whole, input_ids, example.target,
+                                      add_special_tokens=special)
     if max_length is None:
         return Encoded(input_ids, target_ids)
     budget = max_length - num_virtual_tokens - len(target_ids)
@@ -79,6 +82,44 @@ def encode_example(task: Task, example: Example, tokenizer, *, instruction: str 
             return Encoded(input_ids, target_ids, truncated=True)
         keep -= max(1, len(input_ids) - budget)
     return None
+
+
+def target_token_ids(tokenizer, text: str, input_ids: list[int], target: str, *,
+                     add_special_tokens: bool = True) -> list[int]:
+    """The ids of ``target`` as they follow ``text`` (tokenized as ``input_ids``) in the whole
+    text ``text + " " + target``, then EOS.
+
+    Tokenizing ``" " + target`` on its own is right for byte-level BPE (GPT-2, Llama 3), but a
+    SentencePiece tokenizer that prepends "▁" to every text makes it "▁▁target": a lone "▁"
+    piece before "▁target", a doubled space the model never sees between words. Cutting the
+    whole text's ids after the input's is right for both. Where the tokenizer merges across
+    that boundary (or ends every text with a special token), the target is tokenized after a
+    one-letter word instead.
+    """
+    whole = tokenizer(text + " " + target, add_special_tokens=add_special_tokens).input_ids
+    if len(whole) > len(input_ids) and whole[:len(input_ids)] == input_ids:
+        ids = whole[len(input_ids):]
+    else:
+        anchor = tokenizer("a", add_special_tokens=False).input_ids
+        ids = tokenizer("a " + target, add_special_tokens=False).input_ids
+        ids = ids[len(anchor):] if ids[:len(anchor)] == anchor else tokenizer(
+            " " + target, add_special_tokens=False).input_ids
+    return ids + [tokenizer.eos_token_id]
+
+
+def encode_for_generation(task: Task, example: Example, tokenizer, *, num_virtual_tokens: int,
+                          max_new_tokens: int, max_length: int | None) -> list[int]:
+    """Input ids that leave ``num_virtual_tokens + max_new_tokens`` of ``max_length`` free,
+    ``task.truncate_field`` cut to fit as in training (None: no limit, nothing cut).
+
+    Where nothing can be cut, the whole input's ids come back and ``generation.generate``
+    refuses them with a one-line error that says how to fit them.
+    """
+    enc = encode_example(task, example, tokenizer, num_virtual_tokens=num_virtual_tokens
+                         + max_new_tokens, max_length=max_length, with_target=False)
+    if enc is None:
+        return tokenizer(render_input(task, example)).input_ids
+    return enc.input_ids
 
 
 @dataclass

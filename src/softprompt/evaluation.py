@@ -21,7 +21,7 @@ from softprompt.config import GenerationConfig
 from softprompt.encode import adds_bos, encode_example
 from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
-from softprompt.inputs import rows_loss
+from softprompt.inputs import empty_prompt, rows_loss
 from softprompt.metrics import compute_metrics, example_scores
 from softprompt.tasks import Example, Task, make_examples, render_input
 
@@ -99,10 +99,7 @@ def target_token_loss(model, tokenizer, task: Task, examples: list[Example], sys
                       max_length: int, batch_size: int) -> float:
     """Mean cross-entropy of the reference targets (teacher-forced) behind the system."""
     encoded = _encode(task, examples, tokenizer, system, max_length, with_target=True)
-    prompt = system.prompt
-    if prompt is None:
-        prompt = model.get_input_embeddings().weight.new_zeros(0, model.config.hidden_size)
-    prompt = prompt.to(model.device)
+    prompt = (empty_prompt(model) if system.prompt is None else system.prompt).to(model.device)
     total, count = 0.0, 0
     rows = [e.ids_and_labels() for e in encoded]
     bos_offset = int(adds_bos(tokenizer))

@@ -3,8 +3,9 @@
 The ``[BOS? | P]`` prefix does not depend on the input, so its keys/values are computed once
 per prompt and copied into every batch (inputs.PromptCache), whose cache reserves room for all
 the positions it will reach (no per-step copies). Rows are sorted by length,
-decoded greedily (or sampled), and each stops at EOS or at the task's stop string; a stop
-string only counts once the row has produced non-whitespace text.
+decoded greedily (or sampled), and each stops at EOS or at the task's stop string (which may
+span tokens); a stop string only counts once the row has produced non-whitespace text. An
+input must leave room in the model's positions for the prompt and the new tokens.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from tqdm.auto import tqdm
 
 from softprompt.batching import length_sorted_batches
 from softprompt.config import GenerationConfig
-from softprompt.encode import adds_bos
+from softprompt.encode import adds_bos, context_limit
 from softprompt.errors import SoftPromptError
 from softprompt.inputs import (
+    PromptCache,
     build_prompt_cache,
     cached_forward,
+    empty_prompt,
     first_positions,
     full_logits,
     prompted_batch,
@@ -61,7 +64,9 @@ def generate(model, tokenizer, texts: list[str] | list[list[int]],
     Args:
         model, tokenizer: frozen model and tokenizer.
         texts: input texts (already rendered with the task template), or their token ids
-            (as the tokenizer gives them, BOS included where it adds one).
+            (as the tokenizer gives them, BOS included where it adds one). Each must leave room
+            in the model's positions for the prompt and ``max_new_tokens`` (callers cut inputs
+            to fit with ``encode.encode_example``); one that does not is refused.
         prompt: ``[P, H]`` soft prompt, or None for the plain model (hard prompts).
         config: decoding settings.
         stop: stop string (besides EOS), e.g. ``"\\n"``.
@@ -70,69 +75,106 @@ def generate(model, tokenizer, texts: list[str] | list[list[int]],
         One string per input, in input order, cut at the stop string and stripped.
     """
     cfg = config or GenerationConfig()
-    device = model.device
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     encoded = [tokenizer(t).input_ids if isinstance(t, str) else list(t) for t in texts]
     if bos is not None:  # BOS moves into the cached prefix, before the prompt
         encoded = [ids[1:] if ids and ids[0] == bos else ids for ids in encoded]
+    check_inputs(encoded, prompt.shape[0] if prompt is not None else 0, cfg.max_new_tokens,
+                 context_limit(model), bos is not None)
+    prefix = build_prompt_cache(model, prompt, bos)
+    gen = torch.Generator().manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    results: list[str] = [""] * len(texts)
+    bar = tqdm(total=len(texts), disable=not progress, desc="generate", unit="ex")
+    for rows in length_sorted_batches([len(ids) for ids in encoded], cfg.batch_size):
+        generated = _generate_batch(model, tokenizer, prefix, [encoded[r] for r in rows], cfg,
+                                    stop, gen)
+        for r, ids in zip(rows, generated):
+            results[r] = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)[0]
+        bar.update(len(rows))
+    bar.close()
+    return results
+
+
+def check_inputs(encoded: list[list[int]], num_virtual: int, max_new_tokens: int,
+                 limit: int | None, bos: bool = False) -> None:
+    """Refuse an empty input, or one that with the prompt's ``P`` and ``max_new_tokens`` needs
+    more positions than the model has (``limit``; None: no limit known).
+
+    ``encoded`` holds each input's ids without BOS; ``bos``: the prefix carries one.
+    """
     for i, ids in enumerate(encoded):
         if not ids:
             raise SoftPromptError(f"input {i + 1} is empty; give some text to continue")
-    prefix = build_prompt_cache(model, prompt, bos)
-    prefix_len = prefix.length if prefix is not None else 0
+        length = len(ids) + bos  # as the tokenizer counts it
+        need = num_virtual + length + max_new_tokens
+        if limit is not None and need > limit:
+            raise SoftPromptError(
+                f"input {i + 1} is {length} tokens; with the {num_virtual}-token prompt and "
+                f"max_new_tokens={max_new_tokens} it needs {need} positions but the model has "
+                f"{limit}; shorten the input (a task's truncate field is cut to fit "
+                f"--max-length) or lower --max-new-tokens")
+
+
+def _generate_batch(model, tokenizer, prefix: PromptCache | None, encoded: list[list[int]],
+                    cfg: GenerationConfig, stop: str | None,
+                    gen: torch.Generator | None) -> list[list[int]]:
+    """Decode one batch of input ids (BOS already in ``prefix``); the new ids of each row."""
+    device = model.device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    gen = torch.Generator().manual_seed(cfg.seed) if cfg.temperature > 0 else None
-    results: list[str] = [""] * len(texts)
-    batches = length_sorted_batches([len(ids) for ids in encoded], cfg.batch_size)
-    bar = tqdm(total=len(texts), disable=not progress, desc="generate", unit="ex")
-    for rows in batches:
-        bsz = len(rows)
-        width = max(len(encoded[r]) for r in rows)
-        input_ids = torch.full((bsz, width), pad, dtype=torch.long)
-        mask = torch.zeros((bsz, width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids = encoded[r]
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        positions = first_positions(prefix_len, mask)  # [B, T]
-        full_mask = torch.cat([mask.new_ones(bsz, prefix_len), mask], 1)  # [B, C + T]
-        # Room for every position this batch can reach: no cache copies while decoding.
-        capacity = prefix_len + width + cfg.max_new_tokens
-        cache = reserved_cache(capacity, prefix, bsz)
-        logits, cache = cached_forward(model, cache, input_ids, full_mask, positions)
-        next_pos = positions[:, -1:] + 1  # [B, 1]
-        generated: list[list[int]] = [[] for _ in rows]
-        active = list(range(bsz))  # batch rows still decoding; logits has one row for each
-        for step in range(cfg.max_new_tokens):
-            tokens = _next_tokens(logits, cfg, gen)  # [A]
-            keep = []
-            for j, tok in enumerate(tokens.tolist()):
-                i = active[j]
-                if tok == eos:
-                    continue
-                generated[i].append(tok)
-                if stop and stop in tokenizer.decode([tok]) and cut_at_stop(
-                        tokenizer.decode(generated[i]), stop)[1]:
-                    continue
+    prefix_len = prefix.length if prefix is not None else 0
+    bsz, width = len(encoded), max(len(ids) for ids in encoded)
+    input_ids = torch.full((bsz, width), pad, dtype=torch.long)  # [B, T], left-padded
+    mask = torch.zeros((bsz, width), dtype=torch.long)
+    for i, ids in enumerate(encoded):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        mask[i, width - len(ids):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = first_positions(prefix_len, mask)  # [B, T]
+    full_mask = torch.cat([mask.new_ones(bsz, prefix_len), mask], 1)  # [B, C + T]
+    # Room for every position this batch can reach: no cache copies while decoding.
+    cache = reserved_cache(prefix_len + width + cfg.max_new_tokens, prefix, bsz)
+    logits, cache = cached_forward(model, cache, input_ids, full_mask, positions)
+    next_pos = positions[:, -1:] + 1  # [B, 1]
+    generated: list[list[int]] = [[] for _ in encoded]
+    active = list(range(bsz))  # batch rows still decoding; logits has one row for each
+    for step in range(cfg.max_new_tokens):
+        tokens = _next_tokens(logits, cfg, gen)  # [A]
+        keep = []
+        for j, tok in enumerate(tokens.tolist()):
+            i = active[j]
+            if tok == eos:
+                continue
+            generated[i].append(tok)
+            if not (stop and hits_stop(tokenizer, generated[i], stop)):
                 keep.append(j)
-            if not keep or step == cfg.max_new_tokens - 1:  # no forward whose logits go unread
-                break
-            if len(keep) < len(active):  # finished rows leave the batch: no compute on them
-                index = torch.tensor(keep, device=device)
-                cache = select_rows(cache, index)
-                tokens, full_mask, next_pos = tokens[index], full_mask[index], next_pos[index]
-                active = [active[j] for j in keep]
-            full_mask = torch.cat([full_mask, full_mask.new_ones(len(active), 1)], 1)
-            logits, cache = cached_forward(model, cache, tokens.unsqueeze(1), full_mask, next_pos)
-            next_pos = next_pos + 1
-        for i, r in enumerate(rows):
-            results[r] = cut_at_stop(tokenizer.decode(generated[i], skip_special_tokens=True),
-                                     stop)[0]
-        bar.update(bsz)
-    bar.close()
-    return results
+        if not keep or step == cfg.max_new_tokens - 1:  # no forward whose logits go unread
+            break
+        if len(keep) < len(active):  # finished rows leave the batch: no compute on them
+            index = torch.tensor(keep, device=device)
+            cache = select_rows(cache, index)
+            tokens, full_mask, next_pos = tokens[index], full_mask[index], next_pos[index]
+            active = [active[j] for j in keep]
+        full_mask = torch.cat([full_mask, full_mask.new_ones(len(active), 1)], 1)
+        logits, cache = cached_forward(model, cache, tokens.unsqueeze(1), full_mask, next_pos)
+        next_pos = next_pos + 1
+    return generated
+
+
+def hits_stop(tokenizer, ids: list[int], stop: str) -> bool:
+    """Does the output ``ids`` hold ``stop`` after its leading whitespace (see
+    :func:`cut_at_stop`), now that its newest token is in?
+
+    A stop string may span several tokens (``"\\n\\n"``, ``"###"``), so the newest token alone
+    is not enough. Each step decodes only the trailing tokens that could hold a new occurrence:
+    one per byte of ``stop`` (every token carries at least one byte) plus one, for decoders
+    that drop a leading space. Only when that tail holds ``stop`` is the whole output decoded,
+    to apply the leading-whitespace rule.
+    """
+    window = len(stop.encode("utf-8")) + 1
+    if stop not in tokenizer.decode(ids[-window:], skip_special_tokens=True):
+        return False
+    return cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)[1]
 
 
 @torch.no_grad()
@@ -142,12 +184,11 @@ def generate_reference(model, tokenizer, text: str, prompt: torch.Tensor | None,
     re-run every step. Slow; the parity tests compare :func:`generate` against it."""
     ids = tokenizer(text).input_ids
     bos_offset = int(adds_bos(tokenizer))
+    prompt = empty_prompt(model) if prompt is None else prompt
     out: list[int] = []
     for _ in range(max_new_tokens):
         input_ids = torch.tensor([ids + out], device=model.device)
         mask = torch.ones_like(input_ids)
-        if prompt is None:
-            prompt = model.get_input_embeddings().weight.new_zeros(0, model.config.hidden_size)
         batch = prompted_batch(model, prompt, input_ids, mask, bos_offset=bos_offset)
         tok = int(full_logits(model, batch)[0, -1].argmax())
         if tok == tokenizer.eos_token_id:

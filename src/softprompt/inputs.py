@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -35,10 +36,11 @@ from transformers.cache_utils import DynamicLayer
 
 from softprompt.batching import collate
 from softprompt.encode import IGNORE_INDEX
+from softprompt.prompt import check_hidden_size
 
-__all__ = ["IGNORE_INDEX", "PromptedBatch", "PromptCache", "insert_prompt", "prompted_batch",
-           "right_padded_batch", "target_loss", "rows_loss", "full_logits", "build_prompt_cache",
-           "reserved_cache", "cached_forward", "select_rows"]
+__all__ = ["IGNORE_INDEX", "PromptedBatch", "PromptCache", "empty_prompt", "insert_prompt",
+           "prompted_batch", "right_padded_batch", "plain_head", "target_loss", "rows_loss",
+           "full_logits", "build_prompt_cache", "reserved_cache", "cached_forward", "select_rows"]
 
 
 @dataclass
@@ -58,12 +60,11 @@ def positions_from_mask(attention_mask: torch.Tensor,
     return positions.clamp(min=0).masked_fill(attention_mask == 0, 0)
 
 
-def _check_width(prompt: torch.Tensor, token_embeds: torch.Tensor) -> int:
-    """``P`` of a ``[P, H]`` prompt, after checking ``H`` against ``[B, T, H]`` embeddings."""
-    if prompt.shape[-1] != token_embeds.shape[-1]:
-        raise ValueError(f"prompt is {list(prompt.shape)} but embeddings are "
-                         f"{list(token_embeds.shape)}: hidden sizes differ")
-    return prompt.shape[0]
+def empty_prompt(model: PreTrainedModel) -> torch.Tensor:
+    """``[0, H]``: no prompt at all, in the dtype and on the device of the model's embeddings
+    (the plain model, hard prompts, and a BOS-only prefix go through the prompted paths)."""
+    weight = model.get_input_embeddings().weight
+    return weight.new_zeros(0, weight.shape[1])
 
 
 def insert_prompt(token_embeds: torch.Tensor, attention_mask: torch.Tensor, prompt: torch.Tensor,
@@ -81,7 +82,8 @@ def insert_prompt(token_embeds: torch.Tensor, attention_mask: torch.Tensor, prom
         A :class:`PromptedBatch` of length ``P + T``.
     """
     bsz, seq_len, hidden = token_embeds.shape
-    num_virtual = _check_width(prompt, token_embeds)
+    check_hidden_size(prompt, hidden)
+    num_virtual = prompt.shape[0]
     device = token_embeds.device
     # First real token of each row (left padding), then where the prompt goes.
     first = attention_mask.long().argmax(dim=-1)  # [B]
@@ -119,7 +121,8 @@ def right_padded_batch(model: PreTrainedModel, prompt: torch.Tensor, input_ids: 
     """
     token_embeds = embed(model, input_ids)  # [B, T, H]
     bsz = token_embeds.shape[0]
-    num_virtual = _check_width(prompt, token_embeds)
+    check_hidden_size(prompt, token_embeds.shape[-1])
+    num_virtual = prompt.shape[0]
     soft = prompt.to(token_embeds.dtype).expand(bsz, -1, -1)  # [B, P, H]
     embeds = torch.cat([token_embeds[:, :bos_offset], soft, token_embeds[:, bos_offset:]], 1)
     ignore = labels.new_full((bsz, num_virtual), IGNORE_INDEX)
@@ -139,20 +142,46 @@ def prompted_batch(model: PreTrainedModel, prompt: torch.Tensor, input_ids: torc
     return insert_prompt(embed(model, input_ids), attention_mask, prompt, labels, bos_offset)
 
 
-def _has_plain_head(model: PreTrainedModel) -> bool:
-    """True when logits are exactly ``lm_head(last_hidden_state)`` (no scaling/soft-capping)."""
-    cfg = model.config
-    special = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale",
-               "logits_scaling")
-    return (model.base_model is not model and model.get_output_embeddings() is not None
-            and not any(getattr(cfg, name, None) not in (None, 1, 1.0) for name in special))
+_PLAIN_HEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool
+
+
+def plain_head(model: PreTrainedModel) -> bool:
+    """Are the model's logits exactly ``lm_head(base_model(...)[0])``? Checked once per model.
+
+    :func:`target_loss` projects only the hidden states that predict targets, which is right
+    only where the forward adds nothing after the output embeddings (no logit scaling or
+    soft-capping, whatever the config calls it). So both ways run on one short row, and where
+    they disagree the loss takes the full logits.
+    """
+    if model not in _PLAIN_HEAD:
+        _PLAIN_HEAD[model] = _probe_plain_head(model)
+    return _PLAIN_HEAD[model]
+
+
+@torch.no_grad()
+def _probe_plain_head(model: PreTrainedModel) -> bool:
+    head, table = model.get_output_embeddings(), model.get_input_embeddings()
+    if model.base_model is model or head is None:
+        return False
+    ids = torch.arange(8, device=table.weight.device).remainder(table.num_embeddings)[None]
+    embeds = table(ids)  # [1, 8, H]
+    was_training = model.training
+    model.eval()  # dropout would make two forwards differ
+    try:
+        projected = head(model.base_model(inputs_embeds=embeds, use_cache=False)[0])  # [1, 8, V]
+        logits = model(inputs_embeds=embeds, use_cache=False).logits  # [1, 8, V]
+    finally:
+        model.train(was_training)
+    return projected.shape == logits.shape and torch.allclose(
+        projected.float(), logits.float(), rtol=1e-4, atol=1e-5)
 
 
 def target_loss(model: PreTrainedModel, batch: PromptedBatch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over target tokens, and their count.
 
     Only the hidden states that predict a target token go through the vocabulary projection
-    (the largest single cost of a step): ``[N, H] -> [N, V]`` instead of ``[B, L, V]``.
+    (the largest single cost of a step): ``[N, H] -> [N, V]`` instead of ``[B, L, V]``, where
+    :func:`plain_head` found that this gives the model's logits.
     Summing (not averaging) lets the caller normalise over a whole accumulated, possibly
     distributed, batch so that micro-batching never changes the gradient.
     """
@@ -160,7 +189,7 @@ def target_loss(model: PreTrainedModel, batch: PromptedBatch) -> tuple[torch.Ten
     targets = batch.labels[:, 1:]  # token t+1 is predicted at position t
     keep = targets != IGNORE_INDEX  # [B, L - 1]
     count = int(keep.sum())
-    if _has_plain_head(model):
+    if plain_head(model):
         hidden = model.base_model(inputs_embeds=batch.inputs_embeds,
                                   attention_mask=batch.attention_mask,
                                   position_ids=batch.position_ids, use_cache=False)[0]
@@ -311,7 +340,7 @@ def build_prompt_cache(model: PreTrainedModel, prompt: torch.Tensor | None,
     if prompt is None or prompt.shape[0] == 0:
         if bos_token_id is None:
             return None
-        prompt = model.get_input_embeddings().weight.new_zeros(0, model.config.hidden_size)
+        prompt = empty_prompt(model)
     embeds = prefix_embeds(model, prompt, bos_token_id)  # [1, C, H]
     length = embeds.shape[1]
     mask = torch.ones(1, length, dtype=torch.long, device=embeds.device)

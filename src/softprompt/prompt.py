@@ -166,10 +166,15 @@ def load_prompt_tensor(directory: str | Path) -> tuple[torch.Tensor, PromptMeta]
     return tensor, meta
 
 
-def check_hidden_size(tensor: torch.Tensor, hidden_size: int, source: str) -> None:
-    """Refuse a prompt whose width does not match the model's embeddings."""
+def check_hidden_size(tensor: torch.Tensor, hidden_size: int, source: str | None = None) -> None:
+    """Refuse a ``[P, H]`` prompt whose ``H`` is not the model's embedding width.
+
+    The one width check: loading a prompt directory (``source`` names its file) and merging
+    a prompt into model inputs (inputs.py) both call it.
+    """
     if tensor.shape[-1] != hidden_size:
+        where = f"{source}: " if source else ""
         raise SoftPromptError(
-            f"{source}: prompt hidden size {tensor.shape[-1]} does not match the model's "
+            f"{where}prompt hidden size {tensor.shape[-1]} does not match the model's "
             f"{hidden_size}; use the --model the prompt was trained on"
         )

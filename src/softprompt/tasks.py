@@ -249,6 +249,17 @@ def make_examples(task: Task, records: list[dict]) -> list[Example]:
     return [make_example(task, r, i) for i, r in enumerate(records)]
 
 
+def input_example(task: Task, item: str | dict, index: int = 0) -> Example:
+    """An inference input: a record, or plain text for a template with one field."""
+    if isinstance(item, dict):
+        return make_example(task, item, index, with_target=False)
+    names = task.placeholders()
+    if len(names) != 1:
+        raise SoftPromptError(f"task {task.name!r} needs fields {names}; pass a record "
+                              f"(a JSON object) instead of plain text")
+    return Example(str(index), {names[0]: item}, "", [])
+
+
 def render_input(task: Task, example: Example, instruction: str = "",
                  fields: dict[str, str] | None = None) -> str:
     """The input text: ``instruction + "\\n"`` (hard prompts only) and the filled template."""
