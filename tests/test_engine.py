@@ -242,3 +242,15 @@ def test_unmixed_engine_batches_one_prompt_at_a_time_with_the_same_outputs(tiny)
             for e in (mixed, single)]
     assert outs[0] == outs[1]
     assert max(sizes[True]) == 9 and max(sizes[False]) == 3
+
+
+def test_inputs_beyond_the_model_positions_are_refused_at_submit(tiny):
+    model, tok, _ = tiny
+    engine = Engine(model, tok)
+    engine.add_prompt("p", torch.zeros(8, model.config.hidden_size))
+    long_ids = [5] * 500  # + 8 prompt positions + 10 new tokens > 512
+    with pytest.raises(SoftPromptError, match=r"needs 51\d positions but the model has 512"):
+        engine.submit("p", long_ids, SamplingParams(max_new_tokens=10))
+    with pytest.raises(SoftPromptError, match="is empty"):
+        engine.submit("p", [])
+    assert engine.stats()["waiting"] == 0

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from softprompt.encode import adds_bos
+from softprompt.encode import adds_bos, context_limit
 from softprompt.errors import SoftPromptError
+from softprompt.generation import check_inputs
 from softprompt.inputs import PromptCache, build_prompt_cache, cached_forward, reserved_cache
 
 __all__ = ["Engine", "Handle", "Completion", "PrefixCache", "prompt_key", "SamplingParams"]
@@ -224,6 +225,7 @@ class Engine:
         self.mixed = mixed
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+        self.limit = context_limit(model)  # positions the model has (None: no known limit)
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self._prompts: dict[str | None, _Prompt] = {None: _Prompt("", None, "bare")}
@@ -300,12 +302,13 @@ class Engine:
         is called from the engine's thread with each ``("delta", text)`` and the final
         ``("done", Completion)``."""
         ids = self.encode(inputs) if isinstance(inputs, str) else list(inputs)
-        if not ids:
-            raise SoftPromptError("the input is empty; give some text to continue")
         if prompt not in self._prompts:
             raise SoftPromptError(f"no prompt named {prompt!r}; known: {self.prompt_names()}")
+        params = params or SamplingParams()
+        check_inputs([ids], self.prefix_length(prompt) - (self.bos is not None),
+                     params.max_new_tokens, self.limit, bos=self.bos is not None)
         with self._lock:
-            handle = Handle(self._next_id, prompt, ids, params or SamplingParams(), listener)
+            handle = Handle(self._next_id, prompt, ids, params, listener)
             self._next_id += 1
             self._waiting.append(handle)
         self._wake.set()

@@ -21,7 +21,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from softprompt.encode import context_limit
 from softprompt.engine import Completion, Engine, Handle, SamplingParams
 from softprompt.errors import SoftPromptError
 from softprompt.serving import protocol
@@ -65,7 +64,6 @@ class Server:
     def __init__(self, engine: Engine, config: ServerConfig):
         self.engine, self.config = engine, config
         self.hidden_size = engine.model.get_input_embeddings().weight.shape[1]
-        self.limit = context_limit(engine.model)
         self.prompts: dict[str, ServedPrompt] = {}
         self.metrics = ServerMetrics(engine)
         engine.on_step = self.metrics.batch_size.observe
@@ -162,13 +160,6 @@ class Server:
             raise ApiError(400, f"max_tokens {req.max_tokens} is over this server's limit {cap}")
         default = served.task.max_new_tokens if served else self.config.default_max_tokens
         max_tokens = req.max_tokens or min(default, cap)
-        used = self.engine.prefix_length(name) + len(ids) + max_tokens
-        if self.limit is not None and used > self.limit:
-            raise ApiError(400, f"the input is {len(ids)} tokens; with the prompt's "
-                                f"{self.engine.prefix_length(name)} positions and max_tokens "
-                                f"{max_tokens} that is {used}, over the model's {self.limit}; "
-                                f"shorten the input or lower max_tokens",
-                           code="context_length_exceeded")
         stops = req.stops()
         if len(stops) > 4:
             raise ApiError(400, f"at most 4 stop strings, got {len(stops)}")
@@ -188,7 +179,10 @@ class Server:
         def listener(kind: str, payload: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
 
-        handle = self.engine.submit(name, ids, params, listener)
+        try:
+            handle = self.engine.submit(name, ids, params, listener)
+        except SoftPromptError as exc:  # the input does not fit the model's positions
+            raise ApiError(400, str(exc), code="context_length_exceeded") from None
         reply = protocol.Reply(req.model, chat)
         label = req.model
         if req.stream:
