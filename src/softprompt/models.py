@@ -141,8 +141,8 @@ def resolve_dtype(name: str | torch.dtype = "auto",
     return DTYPES[name]
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu"):
+def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32",
+               device: str | torch.device | None = "cpu"):
     """Load ``(model, tokenizer)`` with the model frozen.
 
     The weights are loaded straight into ``dtype`` on ``device`` (no float32 copy on the CPU
@@ -153,8 +153,8 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
         dtype: ``float32`` (default), ``bfloat16``, ``float16``, ``auto`` or a torch dtype.
         device: ``cpu`` (default), ``cuda``, ``cuda:N``, ``mps``, ``auto`` or a torch device.
     """
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_device = resolve_device(device or "cpu")
+    torch_dtype = resolve_dtype(dtype or "float32", torch_device)
     path = resolve(name)
     is_local = Path(path).is_dir()
     if not is_local and (Path(path).exists() or path.startswith((".", "/"))):
