@@ -387,6 +387,20 @@ def test_evaluate_with_dtype_bfloat16_scores_the_bfloat16_model(cli, capfd, tmp_
     assert metrics["loss"] == expected.metrics["loss"]
 
 
+def test_train_with_dtype_bfloat16_trains_a_float32_prompt(cli, capfd, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    run = _main(["train", "--task", "translation", "--train",
+                 str(SAMPLES / "translation" / "train.jsonl"), "--output", str(out),
+                 "--model", cli["model"], *TRAIN_FLAGS, "--dtype", "bfloat16", "--device", "cpu"],
+                capfd)
+    assert run.returncode == 0, str(run)
+    prompt = load_file(str(out / "prompt.safetensors"))["prompt_embeddings"]
+    assert str(prompt.dtype) == "torch.float32" and prompt.shape == (4, 32)
+    assert json.loads((out / "softprompt.json").read_text())["metrics"]["steps"] == 2
+
+
 DEVICE_ERRORS = [
     (["--device", "tpu9"], "--device 'tpu9' is not a device; use auto, cpu, cuda, cuda:N or mps"),
     (["--device", "cuda"], "--device 'cuda': CUDA is not available here"),

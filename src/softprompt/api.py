@@ -12,19 +12,21 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from softprompt import atomic, comparison, evaluation, generation, models
+from softprompt import atomic, evaluation, generation, models
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig, check_count
 from softprompt.data import read_records
 from softprompt.errors import SoftPromptError
 from softprompt.prompt import check_hidden_size, load_prompt_tensor
-from softprompt.report import ModelComparison
 from softprompt.tasks import Task, get_task, make_example, make_examples, render_input
 from softprompt.training import TrainResult, check_output_dir
 from softprompt.training import train as _train
+
+if TYPE_CHECKING:  # the report's plotting stack loads only for compare
+    from softprompt.report import ModelComparison
 
 
 def _split_options(options: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
@@ -114,7 +116,7 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
         tensor, meta = load_prompt_tensor(prompt)
         model_name = model or meta.model
         task_obj = _task(task) if task is not None else Task.from_dict(meta.task)
-        system = evaluation.System(comparison.SOFT, tensor)
+        system = evaluation.System(evaluation.SOFT, tensor)
     elif task is None:
         raise SoftPromptError("give --task (or --template) to evaluate a hard prompt")
     else:
@@ -151,6 +153,8 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
     ``options`` are PromptConfig/TrainConfig fields for training the soft prompt (``epochs``,
     ``batch_size``, ...); generation has its own ``eval_batch_size`` and ``eval_seed``.
     """
+    from softprompt import comparison
+
     prompt_opts, train_opts = _split_options(options, PromptConfig, TrainConfig)
     task_obj = _task(task)
     check_count("--eval-batch-size", eval_batch_size)

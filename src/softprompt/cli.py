@@ -84,13 +84,13 @@ def _runtime(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": args.device, "dtype": args.dtype}
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
 def parse_stop(text: str) -> str:
     """``--stop``: the text as given, with ``\\n``, ``\\t`` and ``\\\\`` read as newline,
     tab and one backslash (any other character, non-ASCII included, stays as it is)."""
     return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
 
 def _task(args: argparse.Namespace):

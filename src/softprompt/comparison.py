@@ -22,6 +22,7 @@ from softprompt.errors import SoftPromptError
 from softprompt.evaluation import (
     METRICS_FILE,
     PREDICTIONS_FILE,
+    SOFT,
     System,
     baselines,
     evaluate,
@@ -31,8 +32,6 @@ from softprompt.prompt import check_hidden_size, load_prompt_tensor
 from softprompt.report import ModelComparison, markdown_table, metrics_table, write_report
 from softprompt.tasks import Task, make_examples
 from softprompt.training import LOG_FILE, train
-
-SOFT = "soft prompt"
 
 
 def slug(name: str) -> str:

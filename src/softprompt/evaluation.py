@@ -27,6 +27,7 @@ from softprompt.tasks import Example, Task, make_examples, render_input
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
+SOFT = "soft prompt"  # the name of the soft prompt system in reports and metrics.json
 
 
 @dataclass
