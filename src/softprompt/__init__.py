@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PromptedModel": "softprompt.api", "generate": "softprompt.api",
     "load_prompt": "softprompt.api", "train": "softprompt.api",
+    "evaluate": "softprompt.api", "compare": "softprompt.api",
     "GenerationConfig": "softprompt.config", "PromptConfig": "softprompt.config",
     "PromptInit": "softprompt.config", "TrainConfig": "softprompt.config",
     "read_records": "softprompt.data", "SoftPromptError": "softprompt.errors",
