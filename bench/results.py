@@ -98,7 +98,7 @@ def run_task(name: str, out_dir: Path, args) -> dict:
             "batch_size": BATCH_SIZE, "model": DEFAULT_MODEL,
             "test_examples": len(comp.predictions[SOFT]),
             "systems": comp.systems, "train_seconds": comp.train_seconds,
-            "epochs": [r for r in comp.log if r.get("event") == "epoch"],
+            "epochs": [r for r in comp.train_log if r.get("event") == "epoch"],
             "wall_seconds": round(time.perf_counter() - t0, 1),
             "samples": {k: v[:3] for k, v in comp.predictions.items()}}
 
@@ -176,7 +176,7 @@ def _findings(results: list[dict]) -> list[str]:
                for r in results]
     lines.append("- Empty outputs (the model ends its answer at once; the stop rule skips "
                  "leading whitespace, so these are not answers cut on a newline), the highest "
-                 "share per task: " + "; ".join(f"{t} {rate:.1f}% ({n})"
+                 "share per task: " + "; ".join(f"{t} {rate:.1f}% ({n})" if rate else f"{t} none"
                                                  for t, rate, n in empties) + ".")
     for r in results:
         s, curve = r["settings"], r.get("epochs", [])
@@ -233,7 +233,7 @@ def write_results_md(out: Path, path: Path = ROOT / "RESULTS.md",
           "minutes in all:", ""]
     if results:
         md += _provenance(results) + [""]
-        md += ["| task | primary metric | soft prompt | best hard prompt | margin |",
+        md += ["| task | primary metric | soft prompt | best other system | margin |",
                "|---|---|---|---|---|"]
         for r in results:
             p = r["primary"]
