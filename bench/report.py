@@ -177,7 +177,7 @@ def commit_range(runs: list[dict]) -> str:
             labels.append(commit_label(r))
     if len(labels) <= 3:
         return ", ".join(labels)
-    return f"{labels[0]} … {labels[-1]} ({len(labels)} commits)"
+    return f"{labels[0]} … {labels[-1]} ({len(labels)} in all)"
 
 
 def machine_text(m: dict) -> str:
