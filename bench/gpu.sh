@@ -47,7 +47,7 @@ else
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q torch
   "$PY" -m pip install -q -e ".[bench]"
-  ready "$PY" || { echo "torch cannot see a CUDA device" >&2; exit 1; }
+  ready "$PY" || { echo "$VENV cannot use $DEVICE with this tree's softprompt" >&2; exit 1; }
 fi
 "$PY" - <<'EOF'
 import os, torch, transformers, peft, softprompt
