@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SAMPLES := src/softprompt/samples
 
-.PHONY: setup demo test bench results lint clean
+.PHONY: setup demo test bench bench-report results lint clean
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,13 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Appends the run to bench/history.jsonl and regenerates BENCHMARKS.md's tables (medians).
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# Regenerates BENCHMARKS.md's tables from bench/history.jsonl without running anything.
+bench-report: setup
+	$(BIN)/python bench/report.py
 
 results: setup
 	$(BIN)/python bench/results.py

@@ -102,7 +102,7 @@ def peft_model(model, prompt: torch.Tensor):
 
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)  # that device, not the current one (DEVICE=cuda:1)
 
 
 def timed(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:

@@ -4,8 +4,12 @@ Each benchmark runs in its own process (bench/train_throughput.py for 1 and 2,
 bench/eval_throughput.py for 3, bench/memory.py for 4, which starts one more process per
 method), prints its measurements and ratio, and writes bench/out/<name>.json; this script
 then prints every ratio with its goal and PASS/FAIL and writes bench/out/results.json.
-About 10 minutes on a 2-core CPU; ``--quick`` is a smoke test with smaller sizes (its
-ratios are not the benchmark's).
+
+A full run (not ``--quick``, not ``--no-record``) then appends its ratios, with the commit,
+command, machine, date and load average, to bench/history.jsonl, and regenerates the headline
+tables of BENCHMARKS.md from that history (bench/report.py: medians over the recorded runs).
+About 10 minutes on a 2-core CPU; ``--quick`` is a smoke test with smaller sizes (its ratios
+are not the benchmark's, and it records nothing).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,13 +56,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the scripts run")
     p.add_argument("--no-checkpointing", action="store_true",
                    help="skip the extra memory run of ours with gradient checkpointing")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not append this run to bench/history.jsonl (e.g. a busy machine)")
     args = p.parse_args()
+    command = " ".join(["python bench/run_all.py", *map(shlex.quote, sys.argv[1:])])
+    commit = report.git_commit()
     out = common.OUT_DIR
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     machine = common.machine()
-    common.say(f"machine: {machine['cpu']} ({machine['cpu_count']} CPUs, torch threads "
-               f"{machine['torch_threads']}, OMP_WAIT_POLICY={machine['omp_wait_policy']}), "
+    common.say(f"commit {commit}; machine: {machine['cpu']} ({machine['cpu_count']} CPUs, "
+               f"torch threads {machine['torch_threads']}, "
+               f"OMP_WAIT_POLICY={machine['omp_wait_policy']}), "
                f"torch {machine['torch']}, transformers {machine['transformers']}, peft "
                f"{machine['peft']}; load average {machine['load_average_at_start']}")
 
@@ -79,16 +89,15 @@ def main() -> None:
 
     figures = {
         "1_training_throughput": (train["train_throughput"], c_train, t_train,
-                                  "ours / PEFT target tokens per second", ">="),
+                                  "ours / PEFT plain shuffled DataLoader, target tok/s", ">="),
         "2_step_over_forward": (train["step_over_forward"], c_train, t_train,
-                                "our step time / no-grad forward time", "<="),
+                                "our step / no-grad forward with full logits", "<="),
         "3_eval_throughput": (evals["eval_throughput"], c_eval, t_eval,
                               "ours / PEFT examples per second (identical outputs)", ">="),
         "4_step_peak_memory": (memory["memory"], c_mem, t_mem,
                                "ours / PEFT peak RSS increase of one step", "<="),
     }
-    results = {"command": "python bench/run_all.py" + (" --quick" if args.quick else ""),
-               "quick": args.quick, "machine": machine,
+    results = {"command": command, "commit": commit, "quick": args.quick, "machine": machine,
                "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
                "seconds": round(time.perf_counter() - t0, 1), "figures": {}}
     common.say("\n=== summary " + ("(--quick: smoke-test sizes, not the benchmark) " if args.quick
@@ -116,20 +125,46 @@ def main() -> None:
     if "ratio_with_checkpointing" in memory["memory"]:
         extra_lines.append(f"  memory with --gradient-checkpointing: "
                            f"{memory['memory']['ratio_with_checkpointing']:.2f} of PEFT")
-    also = train["train_throughput"].get("also")
+    tt, st = train["train_throughput"], train["step_over_forward"]
+    extra_lines.append(f"  training throughput ours / PEFT fed our length-grouped batches "
+                       f"(PEFT's best case; no goal): {tt['ratio_vs_peft_length_grouped']:.2f}x")
+    also = tt.get("also")
     if also:
         extra_lines.append(f"  training throughput with rows cut to {also['max_tokens']} "
-                           f"tokens: {also['ratio']:.2f}x")
+                           f"tokens: {also['ratio']:.2f}x PEFT shuffled, "
+                           f"{also['ratio_vs_peft_length_grouped']:.2f}x PEFT length-grouped")
+    extra_lines.append(f"  our step / no-grad base-model forward without the head (the floor; "
+                       f"no goal, the goal is judged on the forward with logits): "
+                       f"{st['ratio_vs_forward_base']:.2f}")
+    extra_lines.append(f"  PEFT step / no-grad forward: {st['peft_ratio']:.2f} with logits, "
+                       f"{st['peft_ratio_vs_forward_base']:.2f} without the head")
+    ct, cs = compiled["train_throughput"], compiled["step_over_forward"]
     extra_lines.append(f"  with --compile ({c_compiled}): training throughput "
-                       f"{compiled['train_throughput']['ratio']:.2f}x PEFT, step / eager "
-                       f"forward {compiled['step_over_forward']['ratio']:.2f}")
-    extra_lines.append(f"  PEFT step / no-grad forward: "
-                       f"{train['step_over_forward']['peft_ratio']:.2f}")
+                       f"{ct['ratio']:.2f}x PEFT shuffled, "
+                       f"{ct['ratio_vs_peft_length_grouped']:.2f}x PEFT length-grouped; step / "
+                       f"eager forward {cs['ratio']:.2f} with logits, "
+                       f"{cs['ratio_vs_forward_base']:.2f} without the head")
     for line in extra_lines:
         common.say(line)
     results["notes"] = [line.strip() for line in extra_lines]
+    results["ratios"] = report.figures_from_run(train, compiled, evals, memory)
     common.write_json(out / "results.json", results)
     common.say(f"wrote {out / 'results.json'} ({results['seconds']:.0f}s)")
+    if args.quick or args.no_record:
+        common.say("not recorded in bench/history.jsonl ("
+                   + ("--quick: smoke-test sizes" if args.quick else "--no-record")
+                   + "); BENCHMARKS.md left as it is")
+        return
+    report.append_history({
+        "date": machine["date"], "commit": commit, "command": command, "machine": machine,
+        "load_average": {"start": machine["load_average_at_start"],
+                         "end": results["load_average_at_end"]},
+        "seconds": results["seconds"], "figures": results["ratios"],
+        "checks": {"eval_outputs_match_where_unpadded": {
+            name: base["outputs_match_where_unpadded"] for name, base in ev["baselines"].items()}},
+        "source": "bench/run_all.py"})
+    common.say(f"appended this run to {report.HISTORY}")
+    report.main([])
 
 
 if __name__ == "__main__":

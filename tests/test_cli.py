@@ -329,3 +329,227 @@ def test_invalid_softprompt_json_is_refused(cli, capfd, tmp_path, content, expec
     (broken / "softprompt.json").write_text(content)
     run = _main(["generate", "--prompt", str(broken), "--input", "Hi."], capfd)
     _one_line_error(run, expected)
+
+
+# --- device and dtype (#10, defect 2) ----------------------------------------------------------
+
+
+def test_auto_device_and_dtype_resolve_to_the_cpu_and_float32_here():
+    import torch
+
+    from softprompt.models import resolve_device, resolve_dtype
+
+    assert not torch.cuda.is_available()  # the test machine: a CPU only
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16") == torch.bfloat16
+    assert resolve_dtype("float16") == torch.float16
+
+
+def test_generate_with_dtype_bfloat16_loads_bfloat16_weights(cli, capfd):
+    import torch
+
+    from softprompt import api
+
+    run = _main(["generate", "--prompt", str(cli["prompt_dir"]), "--input", "The dog sleeps.",
+                 "--max-new-tokens", "6", "--device", "cpu", "--dtype", "bfloat16"], capfd)
+    assert run.returncode == 0, str(run)
+    pm = api.load_prompt(cli["prompt_dir"], device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in pm.model.parameters()} == {torch.bfloat16}
+    assert pm.model.device == torch.device("cpu")
+    assert pm.prompt.dtype == torch.float32  # the prompt stays float32; inputs.py casts it
+    assert run.stdout == pm.generate("The dog sleeps.", max_new_tokens=6) + "\n"
+
+
+def test_evaluate_with_dtype_bfloat16_scores_the_bfloat16_model(cli, capfd, tmp_path):
+    import torch
+
+    from softprompt.config import GenerationConfig
+    from softprompt.data import read_records
+    from softprompt.evaluation import System, evaluate
+    from softprompt.models import load_model
+    from softprompt.tasks import get_task
+
+    test = SAMPLES / "translation" / "test.jsonl"
+    run = _main(["evaluate", "--task", "translation", "--hard", "Translate:", "--test", str(test),
+                 "--limit", "2", "--max-new-tokens", "3", "--output", str(tmp_path / "e"),
+                 "--model", cli["model"], "--dtype", "bfloat16", "--device", "cpu", "--quiet"],
+                capfd)
+    assert run.returncode == 0, str(run)
+    model, tok = load_model(cli["model"], dtype=torch.bfloat16)
+    expected = evaluate(model, tok, get_task("translation"), read_records(test, limit=2),
+                        System("hard", instruction="Translate:"),
+                        generation=GenerationConfig(max_new_tokens=3))
+    rows = [json.loads(x) for x in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == [r["prediction"] for r in expected.predictions]
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["loss"] == expected.metrics["loss"]
+
+
+def test_train_with_dtype_bfloat16_trains_a_float32_prompt(cli, capfd, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    run = _main(["train", "--task", "translation", "--train",
+                 str(SAMPLES / "translation" / "train.jsonl"), "--output", str(out),
+                 "--model", cli["model"], *TRAIN_FLAGS, "--dtype", "bfloat16", "--device", "cpu"],
+                capfd)
+    assert run.returncode == 0, str(run)
+    prompt = load_file(str(out / "prompt.safetensors"))["prompt_embeddings"]
+    assert str(prompt.dtype) == "torch.float32" and prompt.shape == (4, 32)
+    assert json.loads((out / "softprompt.json").read_text())["metrics"]["steps"] == 2
+
+
+DEVICE_ERRORS = [
+    (["--device", "tpu9"], "--device 'tpu9' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    (["--device", "cuda"], "--device 'cuda': CUDA is not available here"),
+    (["--device", "meta"], "--device 'meta' is not supported"),
+    (["--dtype", "float8"], "--dtype 'float8' is not supported; use auto, float32, bfloat16, "
+                            "float16"),
+]
+
+
+@pytest.mark.parametrize("extra, expected", DEVICE_ERRORS)
+@pytest.mark.parametrize("command", ["train", "generate", "evaluate", "compare"])
+def test_bad_device_or_dtype_is_one_error_line(cli, capfd, tmp_path, command, extra, expected):
+    run = _main([*_command_args(command, cli, tmp_path), *extra], capfd)
+    _one_line_error(run, expected)
+    assert not (tmp_path / "out").exists()
+
+
+def _command_args(command: str, cli, tmp_path: Path, model: str | None = None) -> list[str]:
+    """A valid command line for each command, writing under ``tmp_path / "out"``."""
+    model = model or cli["model"]
+    train = str(SAMPLES / "translation" / "train.jsonl")
+    test = str(SAMPLES / "translation" / "test.jsonl")
+    out = str(tmp_path / "out")
+    return {
+        "train": ["train", "--task", "translation", "--train", train, "--output", out,
+                  "--model", model, *TRAIN_FLAGS],
+        "generate": ["generate", "--prompt", str(cli["prompt_dir"]), "--input", "Hi.",
+                     "--model", model, "--output", out + ".jsonl"],
+        "evaluate": ["evaluate", "--task", "translation", "--hard", "Translate:", "--test", test,
+                     "--output", out, "--model", model, "--limit", "2", "--quiet"],
+        "compare": ["compare", "--task", "translation", "--train", train, "--test", test,
+                    "--output", out, "--models", model, "--limit", "2", "--quiet"],
+    }[command]
+
+
+# --- outputs that cannot be written (#10, defect 11) -------------------------------------------
+
+# (command, --output value with {file} for a regular file and {dir} for a directory, message)
+UNWRITABLE = [
+    ("train", "/proc/softprompt-x", "--output /proc/softprompt-x: cannot write in /proc"),
+    ("train", "{file}/sub", "--output {file}/sub: cannot create it, {file} is a file"),
+    ("train", "{file}", "--output {file} is a file; give a directory"),
+    ("evaluate", "/proc/softprompt-x", "--output /proc/softprompt-x: cannot write in /proc"),
+    ("evaluate", "{file}/sub", "--output {file}/sub: cannot create it, {file} is a file"),
+    ("compare", "/proc/softprompt-x", "--output /proc/softprompt-x: cannot write in /proc"),
+    ("compare", "{file}/a/b", "--output {file}/a/b: cannot create it, {file} is a file"),
+    ("generate", "/proc/softprompt-x.jsonl",
+     "--output /proc/softprompt-x.jsonl: cannot write in /proc"),
+    ("generate", "{file}/preds.jsonl",
+     "--output {file}/preds.jsonl: cannot create it, {file} is a file"),
+    ("generate", "{dir}", "--output {dir} is a directory; give a file path"),
+]
+
+
+@pytest.mark.parametrize("command, output, expected", UNWRITABLE)
+def test_unwritable_output_is_refused_before_the_model_load(cli, capfd, tmp_path, command,
+                                                           output, expected):
+    """A model that does not exist: had it been loaded first, its error would show instead."""
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("keep")
+    (tmp_path / "adir").mkdir()
+    subs = {"{file}": str(blocker), "{dir}": str(tmp_path / "adir")}
+    for key, value in subs.items():
+        output, expected = output.replace(key, value), expected.replace(key, value)
+    argv = _command_args(command, cli, tmp_path, model=str(tmp_path / "no-such-model"))
+    argv[argv.index("--output") + 1] = output
+    _one_line_error(_main(argv, capfd), expected)
+    assert blocker.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "blocker.txt"]
+    assert not list((tmp_path / "adir").iterdir())
+
+
+# --- numbers: 0 and negatives are meaningful or refused (#10, defect 12) ------------------------
+
+# (command, flag, value, message); 0 where it has a meaning is left out (--val-limit 0: none,
+# --save-steps 0: epochs only, --warmup-steps 0, --patience 0, --temperature 0: greedy, ...).
+NUMERIC_ERRORS = [
+    *[(cmd, "--limit", v, f"--limit must be positive, got {v}")
+      for cmd in ("evaluate", "compare") for v in ("0", "-1")],
+    ("evaluate", "--max-length", "0", "--max-length must be positive, got 0"),
+    ("compare", "--val-limit", "-1", "--val-limit must be positive (or 0: none), got -1"),
+    ("compare", "--eval-batch-size", "0", "--eval-batch-size must be positive, got 0"),
+    ("compare", "--eval-seed", "-1", "--eval-seed must be zero or positive, got -1"),
+    *[(cmd, "--max-new-tokens", v, f"--max-new-tokens must be positive, got {v}")
+      for cmd in ("generate", "evaluate", "compare") for v in ("0", "-2")],
+    *[(cmd, "--batch-size", "0", "--batch-size must be positive, got 0")
+      for cmd in ("generate", "evaluate", "compare", "train")],
+    *[(cmd, "--temperature", "-0.5", "--temperature must be zero or positive, got -0.5")
+      for cmd in ("generate", "evaluate", "compare")],
+    *[(cmd, "--top-p", v, f"--top-p must be in (0, 1], got {float(v)}")
+      for cmd in ("generate", "evaluate", "compare") for v in ("0", "-1", "1.5")],
+    *[(cmd, "--seed", "-1", "--seed must be zero or positive, got -1")
+      for cmd in ("generate", "evaluate", "compare", "train")],
+    *[(cmd, flag, v, f"{flag} must be positive, got {v}")
+      for cmd in ("train", "compare")
+      for flag, v in (("--num-virtual-tokens", "0"), ("--num-virtual-tokens", "-3"),
+                      ("--epochs", "0"), ("--gradient-accumulation-steps", "0"),
+                      ("--lr", "-0.1"), ("--max-length", "0"), ("--max-train-examples", "0"),
+                      ("--max-eval-examples", "-1"), ("--save-total-limit", "0"))],
+    *[(cmd, flag, "-1", f"{flag} must be zero or positive, got -1")
+      for cmd in ("train", "compare")
+      for flag in ("--warmup-steps", "--patience", "--save-steps")],
+    *[(cmd, flag, "-1", f"{flag} must be zero or positive, got -1.0")
+      for cmd in ("train", "compare") for flag in ("--weight-decay", "--max-grad-norm")],
+]
+
+
+@pytest.mark.parametrize("command, flag, value, expected", NUMERIC_ERRORS,
+                         ids=[f"{c} {f} {v}" for c, f, v, _ in NUMERIC_ERRORS])
+def test_zero_or_negative_numbers_are_refused_before_the_model_load(cli, capfd, tmp_path,
+                                                                   command, flag, value,
+                                                                   expected):
+    argv = _command_args(command, cli, tmp_path, model=str(tmp_path / "no-such-model"))
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+    else:
+        argv += [flag, value]
+    _one_line_error(_main(argv, capfd), expected)
+    assert not (tmp_path / "out").exists()
+
+
+# --- --stop (#10, defect 6) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("ü\\n", "ü\n"), ("→", "→"), ("Antwort:\\t", "Antwort:\t"), ("a\\\\nb", "a\\nb"),
+    ("C:\\x41", "C:\\x41"), ("日本\\n\\n", "日本\n\n"), ("\\u00fc", "\\u00fc"),
+])
+def test_stop_keeps_non_ascii_and_reads_only_newline_tab_and_backslash_escapes(given,
+                                                                              expected):
+    from softprompt.cli import _task, build_parser
+
+    for command in (["evaluate", "--hard", "x", "--test", "t.jsonl", "--output", "o"],
+                    ["train", "--train", "t.jsonl", "--output", "o"]):
+        args = build_parser().parse_args([*command, "--task", "translation", "--stop", given])
+        assert _task(args).stop == expected
+
+
+# --- compare: generation's own batch size and seed (#10, defect 9) -----------------------------
+
+
+def test_compare_generation_has_its_own_batch_size_and_seed(cli, capfd, tmp_path):
+    out = tmp_path / "cmp"
+    run = _main(["compare", "--task", "translation", "--prompt", str(cli["prompt_dir"]),
+                 "--test", str(SAMPLES / "translation" / "test.jsonl"), "--output", str(out),
+                 "--models", cli["model"], "--limit", "2", "--max-new-tokens", "2",
+                 "--batch-size", "2", "--seed", "7", "--eval-batch-size", "5",
+                 "--eval-seed", "3", "--quiet"], capfd)
+    assert run.returncode == 0, str(run)
+    recorded = json.loads((out / "comparison.json").read_text())["generation"]
+    assert recorded == {"max_new_tokens": 2, "temperature": 0.0, "top_p": 1.0,
+                        "batch_size": 5, "seed": 3}

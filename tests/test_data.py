@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,92 @@ def test_parse_field_map(items, expected):
 def test_parse_field_map_errors(item):
     msg = _error(parse_field_map, [item])
     assert msg.startswith(f"--field {item!r} must look like NAME=RECORD_FIELD")
+
+
+# --- Hugging Face sources: an explicit split, always (#10, defect 3) ----------------------------
+
+
+class _Hub:
+    """Stands in for the ``datasets`` package (not installed here; no network in tests): records
+    each ``load_dataset`` call and answers with ``rows``, or fails like an offline hub."""
+
+    def __init__(self, rows: list[dict] | None = None):
+        self.rows, self.calls = rows, []
+
+    def load_dataset(self, name, config=None, split=None):
+        self.calls.append((name, config, split))
+        if self.rows is None:
+            raise ConnectionError("hub offline")
+        return self.rows
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    fake = _Hub()
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    return fake
+
+
+def test_hub_source_without_a_split_is_refused(hub):
+    message = _error(read_records, "hf:org/data")
+    assert message == ("hf:org/data: a Hugging Face dataset needs an explicit split (train, "
+                       "validation, test, ...), e.g. --test-split test")
+    assert hub.calls == []
+
+
+def test_hub_split_is_passed_and_recorded_in_the_origin(hub):
+    hub.rows = ROWS
+    records = read_records("hf:org/data:de-en", "validation", limit=1)
+    assert hub.calls == [("org/data", "de-en", "validation")]
+    assert records == ROWS[:1] and records[0].origin == "hf:org/data:de-en[validation]:0"
+
+
+def test_split_is_ignored_for_local_files(tmp_path):
+    path = _write(tmp_path / "d.jsonl", _jsonl(ROWS))
+    assert read_records(path, "test") == read_records(path) == ROWS
+
+
+def test_hub_error_names_the_split(hub):
+    assert _error(read_records, "hf:org/data", "dev") == (
+        "hf:org/data (split 'dev'): cannot load dataset (hub offline); without the hub, "
+        "export it to JSONL and pass the file")
+
+
+LOCAL = str(Path(__file__).resolve().parents[1] / "src/softprompt/samples/translation/test.jsonl")
+# command line -> the split each hf: source is read with (in reading order)
+SPLIT_FLAGS = [
+    (["train", "--train", "hf:org/data"], ["train"]),
+    (["train", "--train", "hf:org/data", "--train-split", "de"], ["de"]),
+    (["train", "--train", "hf:org/data", "--split", "de"], ["de"]),  # the old name
+    (["train", "--train", LOCAL, "--validation", "hf:org/data"], ["validation"]),
+    (["train", "--train", LOCAL, "--validation", "hf:org/data", "--validation-split", "dev"],
+     ["dev"]),
+    (["evaluate", "--hard", "x", "--test", "hf:org/data"], ["test"]),
+    (["evaluate", "--hard", "x", "--test", "hf:org/data", "--test-split", "dev"], ["dev"]),
+    (["compare", "--train", LOCAL, "--test", "hf:org/data"], ["test"]),
+    (["compare", "--train", LOCAL, "--test", "hf:org/data", "--test-split", "v2"], ["v2"]),
+    (["compare", "--train", "hf:org/data", "--test", LOCAL], ["train"]),
+    (["compare", "--train", "hf:org/data", "--test", LOCAL, "--train-split", "x"], ["x"]),
+    (["compare", "--train", LOCAL, "--validation", "hf:org/data", "--test", LOCAL],
+     ["validation"]),
+    (["compare", "--train", LOCAL, "--validation", "hf:org/data", "--test", LOCAL,
+      "--validation-split", "dev"], ["dev"]),
+    (["generate", "--prompt", "no-prompt", "--file", "hf:org/data"], ["test"]),
+    (["generate", "--prompt", "no-prompt", "--file", "hf:org/data", "--file-split", "x"], ["x"]),
+]
+
+
+@pytest.mark.parametrize("argv, splits", SPLIT_FLAGS, ids=[" ".join(a) for a, _ in SPLIT_FLAGS])
+def test_split_flags_reach_the_hub_reader(hub, tmp_path, capfd, argv, splits):
+    """Before any model load: the hub reader is asked for the split the flag names."""
+    from softprompt.cli import main
+
+    if argv[0] != "generate":
+        argv = [*argv, "--task", "translation", "--output", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--model" if argv[0] != "compare" else "--models", "no-such-model"])
+    err = capfd.readouterr().err
+    assert info.value.code == 2
+    assert err == (f"error: hf:org/data (split {splits[0]!r}): cannot load dataset (hub "
+                   f"offline); without the hub, export it to JSONL and pass the file\n")
+    assert hub.calls == [("org/data", None, split) for split in splits]

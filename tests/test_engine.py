@@ -254,3 +254,32 @@ def test_inputs_beyond_the_model_positions_are_refused_at_submit(tiny):
     with pytest.raises(SoftPromptError, match="is empty"):
         engine.submit("p", [])
     assert engine.stats()["waiting"] == 0
+
+
+def test_prompt_pool_mixes_tasks_and_matches_each_prompt_alone(tiny, tmp_path):
+    """The Python API: prompt directories of two tasks, one batch, outputs as if alone."""
+    from softprompt import api
+    from softprompt.prompt import PromptMeta, save_prompt
+    from softprompt.tasks import get_task, input_example
+
+    model, tok, _ = tiny
+    _responsive(model)
+    h = model.config.hidden_size
+    tasks = {"de": get_task("translation"), "qa": get_task("qa")}
+    tensors = {}
+    for n, (name, task) in enumerate(tasks.items()):
+        tensors[name] = torch.randn(4 + 3 * n, h, generator=torch.Generator().manual_seed(n))
+        save_prompt(tmp_path / name, tensors[name],
+                    PromptMeta(model="tiny", task=task.to_dict(), num_virtual_tokens=4 + 3 * n,
+                               hidden_size=h))
+    pool = api.load_prompts([tmp_path / "de", tmp_path / "qa"], loaded=(model, tok))
+    qa_record = {"context": "The cat sat on the mat.", "question": "Where is the cat?"}
+    items = ["A dog runs on the beach.", qa_record, "Rain.", dict(qa_record, question="Who?")]
+    names = ["de", "qa", "de", "qa"]
+    outs = pool.generate(items, names, max_new_tokens=8)
+    for item, name, out in zip(items, names, outs):
+        pm = api.PromptedModel(model, tok, tensors[name], tasks[name], "tiny")
+        assert out == pm.generate(item, max_new_tokens=8)
+    assert input_example(tasks["qa"], qa_record).fields["question"] == "Where is the cat?"
+    with pytest.raises(SoftPromptError, match=r"unknown prompt\(s\) \['fr'\]"):
+        pool.generate(["x"], ["fr"])

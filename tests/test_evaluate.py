@@ -167,23 +167,45 @@ def test_cli_evaluate_and_compare(tiny_dirs, samples, tmp_path, capsys):
 
 
 def test_chat_baseline_wraps_instruction_and_input_in_the_chat_template(tiny, samples):
+    """The chat system's model input is exactly the chat template's text, and its predictions
+    are the plain model's own greedy continuation of that text."""
     from softprompt.evaluation import _encode
 
     model, tok, _ = tiny
     tok.chat_template = ("{% for m in messages %}<s>user: {{ m['content'] }}</s>{% endfor %}"
                          "{% if add_generation_prompt %}<s>assistant:{% endif %}")
     task = get_task("translation")
-    records = read_records(samples / "translation" / "test.jsonl", limit=2)
+    records = read_records(samples / "translation" / "test.jsonl", limit=3)
     examples = make_examples(task, records)
     system = System("hard: ours (chat)", instruction="Translate.", chat=True)
-    (enc, _) = _encode(task, examples, tok, system, 512, with_target=False)
-    expected = f"<s>user: Translate.\n{render_input(task, examples[0])}</s><s>assistant:"
-    assert enc.input_ids == tok(expected, add_special_tokens=False).input_ids
-    names = [s.name for s in baselines(task, chat=True)]
-    assert "hard: ours (chat)" in names
-    result = evaluate(model, tok, task, records, system, generation=GenerationConfig(
-        max_new_tokens=3))
-    assert result.metrics["n"] == 2
+    texts = [f"<s>user: Translate.\n{render_input(task, ex)}</s><s>assistant:"
+             for ex in examples]
+    encoded = _encode(task, examples, tok, system, 512, with_target=False)
+    assert [e.input_ids for e in encoded] == [tok(t, add_special_tokens=False).input_ids
+                                             for t in texts]
+    assert [s.name for s in baselines(task, chat=True)] == [
+        "hard: study", "hard: ours", "hard: ours (chat)", "no instruction"]
+    gen = GenerationConfig(max_new_tokens=6, batch_size=2)
+    result = evaluate(model, tok, task, records, system, generation=gen)
+    for text, row in zip(texts, result.predictions):
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        reply = tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+        assert row["prediction"] == cut_at_stop(reply, task.stop)[0]
+    # The loss is teacher-forced on the same chat text followed by the target and EOS.
+    scored = _encode(task, examples, tok, system, 512, with_target=True)
+    total, count = 0.0, 0
+    for text, ex, enc in zip(texts, examples, scored):
+        target = tok(" " + ex.target, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        assert enc.input_ids == tok(text, add_special_tokens=False).input_ids
+        assert enc.target_ids == target
+        ids = torch.tensor([enc.input_ids + target])
+        logits = model(ids).logits[0, len(enc.input_ids) - 1:-1]
+        total += torch.nn.functional.cross_entropy(logits, torch.tensor(target),
+                                                   reduction="sum").item()
+        count += len(target)
+    assert math.isclose(result.metrics["loss"], total / count, abs_tol=1e-3)
 
 
 def test_compare_reuse_keeps_finished_evaluations(tiny_dirs, samples, tmp_path):

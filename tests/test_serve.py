@@ -385,3 +385,27 @@ def test_cli_serve_refuses_bad_arguments_in_one_line(tmp_path, capsys):
         assert exit_.value.code == 2, args
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_readme_openai_client_block_runs_against_the_server(served):
+    """The README's OpenAI-client example, run as written against a live server (its URL and
+    the prompt name 'de' are the only things mapped)."""
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    server, prompts, model, tok = served
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "OpenAI(" in b)
+    server.load_all()
+    tensor, task = prompts["de5"]
+    server._register(type(server.prompts["de5"])("de", tensor, task, server.config.prompts_dir))
+    with running(server) as url:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block.replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
+    source = re.search(r'prompt="([^"]+)"', block).group(1)
+    tokens = int(re.search(r"max_tokens=(\d+)", block).group(1))
+    assert out.getvalue().strip() == expected_output(model, tok, tensor, task,
+                                                     {"source": source}, tokens)

@@ -9,21 +9,32 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from softprompt import generation, models
-from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
+from softprompt import atomic, evaluation, generation, models
+from softprompt.config import GenerationConfig, PromptConfig, TrainConfig, check_count
 from softprompt.data import read_records
 from softprompt.encode import context_limit, encode_for_generation
 from softprompt.errors import SoftPromptError
 from softprompt.prompt import check_hidden_size, load_prompt_tensor
-from softprompt.tasks import Task, get_task, input_example, make_example, render_input
+from softprompt.tasks import (
+    Task,
+    get_task,
+    input_example,
+    make_example,
+    make_examples,
+    render_input,
+)
 from softprompt.training import TrainResult, check_output_dir
 from softprompt.training import train as _train
+
+if TYPE_CHECKING:  # the report's plotting stack loads only for compare
+    from softprompt.report import ModelComparison
 
 
 def _split_options(options: dict[str, Any], *classes: type) -> list[dict[str, Any]]:
@@ -38,35 +49,138 @@ def _split_options(options: dict[str, Any], *classes: type) -> list[dict[str, An
     return parts
 
 
+def _task(task: str | Task) -> Task:
+    return task if isinstance(task, Task) else get_task(task)
+
+
 def train(task: str | Task, train: str | Path, output: str | Path, *,
           validation: str | Path | None = None, model: str = models.DEFAULT_MODEL,
-          split: str | None = None, validation_split: str | None = None,
+          train_split: str = "train", validation_split: str = "validation",
           overwrite: bool = False, resume: bool = False, progress: bool = True,
+          device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
           loaded: tuple[Any, Any] | None = None, **options: Any) -> TrainResult:
     """Train a soft prompt; ``options`` are PromptConfig/TrainConfig fields (``epochs=3`` ...).
 
-    ``loaded`` passes an already loaded ``(model, tokenizer)`` to skip loading.
+    ``device``/``dtype`` place the frozen model (``auto``: see :func:`models.resolve_device`
+    and :func:`models.resolve_dtype`); the prompt itself is always float32. ``loaded`` passes
+    an already loaded ``(model, tokenizer)`` to skip loading.
     """
     prompt_opts, train_opts = _split_options(options, PromptConfig, TrainConfig)
     pcfg, tcfg = PromptConfig(**prompt_opts), TrainConfig(**train_opts)
-    task_obj = task if isinstance(task, Task) else get_task(task)
-    train_records = read_records(train, split)
-    val_records = read_records(validation, validation_split or "validation") if validation else None
+    task_obj = _task(task)
+    torch_device = models.resolve_device(device)
+    torch_dtype = models.resolve_dtype(dtype, torch_device)
+    train_records = read_records(train, train_split)
+    val_records = read_records(validation, validation_split) if validation else None
     # Validate the data and the output directory before the (slow) model load.
     for records in (train_records, val_records or []):
         for i, rec in enumerate(records):
             make_example(task_obj, rec, i)
+    atomic.check_writable(output)
     check_output_dir(output, overwrite, resume)
-    lm, tokenizer = loaded or models.load_model(model, device=_device())
+    if loaded is None:
+        from softprompt.distributed import distributed_state
+
+        # A sharded model is loaded on the CPU: each process keeps only its shards of the
+        # layers on its device (the trainer moves them), not a whole copy first.
+        if tcfg.shard_model and distributed_state().num_processes > 1:
+            torch_device = torch.device("cpu")
+        loaded = models.load_model(model, dtype=torch_dtype, device=torch_device)
+    lm, tokenizer = loaded
     return _train(lm, tokenizer, task_obj, train_records, output,
                   validation_records=val_records, prompt_config=pcfg, train_config=tcfg,
                   model_name=model, overwrite=overwrite, resume=resume, progress=progress)
 
 
-def _device() -> torch.device:
-    from softprompt.distributed import distributed_state
+def evaluate(test: str | Path, output: str | Path | None = None, *,
+             prompt: str | Path | None = None, hard: str | None = None,
+             task: str | Task | None = None, model: str | None = None,
+             test_split: str = "test", limit: int | None = None, max_length: int = 1024,
+             overwrite: bool = False, progress: bool = False,
+             device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+             loaded: tuple[Any, Any] | None = None,
+             **options: Any) -> evaluation.EvalResult:
+    """Score one system on a test set: a trained ``prompt`` directory, a ``hard``
+    instruction, or (neither) the bare template.
 
-    return distributed_state().device
+    ``task`` defaults to the prompt's; ``model`` to the prompt's or the bundled model;
+    ``options`` are GenerationConfig fields (``max_new_tokens`` defaults to the task's).
+    With ``output``, writes ``predictions.jsonl`` and ``metrics.json`` there.
+    """
+    if prompt is not None and hard is not None:
+        raise SoftPromptError("give at most one of --prompt DIR and --hard TEXT")
+    check_count("--limit", limit)
+    check_count("--max-length", max_length)
+    torch_device = models.resolve_device(device)
+    torch_dtype = models.resolve_dtype(dtype, torch_device)
+    if output is not None:
+        out = Path(output)
+        if (out / evaluation.METRICS_FILE).exists() and not overwrite:
+            raise SoftPromptError(f"{out} already holds {evaluation.METRICS_FILE}; pass "
+                                  f"--overwrite to replace it")
+        atomic.check_writable(out)
+    tensor, model_name = None, model or models.DEFAULT_MODEL
+    if prompt is not None:
+        tensor, meta = load_prompt_tensor(prompt)
+        model_name = model or meta.model
+        task_obj = _task(task) if task is not None else Task.from_dict(meta.task)
+        system = evaluation.System(evaluation.SOFT, tensor)
+    elif task is None:
+        raise SoftPromptError("give --task (or --template) to evaluate a hard prompt")
+    else:
+        task_obj = _task(task)
+        system = (evaluation.System("hard", instruction=hard) if hard is not None
+                  else evaluation.System("no instruction"))
+    gen = GenerationConfig(**{"max_new_tokens": task_obj.max_new_tokens, **options})
+    records = read_records(test, test_split, limit=limit)
+    make_examples(task_obj, records)  # bad records answer before the model load
+    lm, tokenizer = loaded or models.load_model(model_name, dtype=torch_dtype,
+                                                device=torch_device)
+    if tensor is not None:
+        check_hidden_size(tensor, lm.config.hidden_size, str(prompt))
+    result = evaluation.evaluate(lm, tokenizer, task_obj, records, system, generation=gen,
+                                 max_length=max_length, progress=progress)
+    if output is not None:
+        evaluation.write_eval(output, result)
+    return result
+
+
+def compare(task: str | Task, train: str | Path | None, test: str | Path,
+            output: str | Path, *, validation: str | Path | None = None,
+            prompt: str | Path | None = None, hard: Sequence[str] = (),
+            models: str | Sequence[str] = models.DEFAULT_MODEL,
+            train_split: str = "train", validation_split: str = "validation",
+            test_split: str = "test", limit: int | None = None, val_limit: int = 20,
+            max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+            eval_batch_size: int = 16, eval_seed: int = 0,
+            overwrite: bool = False, reuse: bool = False, progress: bool = True,
+            device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+            **options: Any) -> list[ModelComparison]:
+    """Soft prompt vs hard prompts on one test set, per model; writes the report to ``output``.
+
+    ``options`` are PromptConfig/TrainConfig fields for training the soft prompt (``epochs``,
+    ``batch_size``, ...); generation has its own ``eval_batch_size`` and ``eval_seed``.
+    """
+    from softprompt import comparison
+
+    prompt_opts, train_opts = _split_options(options, PromptConfig, TrainConfig)
+    task_obj = _task(task)
+    check_count("--eval-batch-size", eval_batch_size)
+    if eval_seed < 0:
+        raise SoftPromptError(f"--eval-seed must be zero or positive, got {eval_seed!r}")
+    gen = GenerationConfig(max_new_tokens=task_obj.max_new_tokens if max_new_tokens is None
+                           else max_new_tokens,
+                           temperature=temperature, top_p=top_p, batch_size=eval_batch_size,
+                           seed=eval_seed)
+    names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
+    return comparison.compare(
+        task_obj, None if train is None else str(train), str(test), output,
+        validation_path=None if validation is None else str(validation),
+        prompt_dir=None if prompt is None else str(prompt), hard=list(hard),
+        model_names=[m for m in names if m], splits=(train_split, validation_split, test_split),
+        limit=limit, val_limit=val_limit, generation=gen,
+        prompt_config=PromptConfig(**prompt_opts), train_config=TrainConfig(**train_opts),
+        overwrite=overwrite, reuse=reuse, progress=progress, device=device, dtype=dtype)
 
 
 @dataclass
@@ -104,22 +218,30 @@ class PromptedModel:
         return outs[0] if single else outs
 
 
-def load_prompt(directory: str | Path, model: str | None = None,
+def load_prompt(directory: str | Path, model: str | None = None, *,
+                device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
                 loaded: tuple[Any, Any] | None = None) -> PromptedModel:
-    """Load ``prompt.safetensors`` + ``softprompt.json`` and the model it was trained on."""
+    """Load ``prompt.safetensors`` + ``softprompt.json`` and the model it was trained on.
+
+    The prompt stays float32 on the model's device; it is cast to the embeddings' dtype where
+    it meets the model.
+    """
+    torch_device = models.resolve_device(device)
+    torch_dtype = models.resolve_dtype(dtype, torch_device)
     tensor, meta = load_prompt_tensor(directory)
     task = Task.from_dict(meta.task)
     name = model or meta.model
-    lm, tokenizer = loaded or models.load_model(name, device=_device())
+    lm, tokenizer = loaded or models.load_model(name, dtype=torch_dtype, device=torch_device)
     check_hidden_size(tensor, lm.get_input_embeddings().weight.shape[1],
                       str(Path(directory) / "prompt.safetensors"))
     return PromptedModel(lm, tokenizer, tensor.to(lm.device), task, name)
 
 
 def generate(prompt_dir: str | Path, inputs: str | dict | list, *, model: str | None = None,
+             device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
              **options: Any) -> str | list[str]:
     """Load a prompt and generate for ``inputs`` (see :meth:`PromptedModel.generate`)."""
-    return load_prompt(prompt_dir, model).generate(inputs, **options)
+    return load_prompt(prompt_dir, model, device=device, dtype=dtype).generate(inputs, **options)
 
 
 def parse_input(text: str) -> str | dict:
@@ -133,3 +255,90 @@ def parse_input(text: str) -> str | dict:
         if isinstance(value, dict):
             return value
     return text
+
+
+class PromptPool:
+    """Several trained prompts on one frozen model: one batch serves any mix of them.
+
+    Every input is rendered with its own prompt's task template and decoded by the
+    continuous-batching engine (softprompt.engine), which computes each prompt's key/value
+    prefix once; with greedy decoding each output equals that input generated alone.
+
+    >>> pool = softprompt.load_prompts({"de": "runs/de", "qa": "runs/qa"})   # doctest: +SKIP
+    >>> pool.generate(["A dog runs.", {"context": "...", "question": "..."}],
+    ...               prompts=["de", "qa"])                                   # doctest: +SKIP
+    """
+
+    def __init__(self, model, tokenizer, model_name: str, *, max_batch_size: int = 32,
+                 prefix_cache_mb: int = 512):
+        from softprompt.engine import Engine
+
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size,
+                             prefix_cache_bytes=prefix_cache_mb << 20)
+        self.tasks: dict[str, Task] = {}
+
+    def add(self, name: str, directory: str | Path) -> None:
+        """Load the prompt directory ``directory`` under ``name``."""
+        tensor, meta = load_prompt_tensor(directory)
+        check_hidden_size(tensor, self.model.get_input_embeddings().weight.shape[1],
+                          str(Path(directory) / "prompt.safetensors"))
+        self.engine.add_prompt(name, tensor)
+        self.tasks[name] = Task.from_dict(meta.task)
+
+    def generate(self, inputs: Sequence[str | dict], prompts: Sequence[str], *,
+                 max_new_tokens: int | None = None, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0) -> list[str]:
+        """One output per input, input ``i`` behind prompt ``prompts[i]``, batched together.
+
+        ``max_new_tokens`` defaults to each prompt's task setting; long inputs have their
+        task's truncate field cut to fit the model's positions.
+        """
+        from softprompt.engine import SamplingParams
+
+        if len(inputs) != len(prompts):
+            raise SoftPromptError(f"{len(inputs)} inputs but {len(prompts)} prompts; give one "
+                                  f"prompt per input")
+        unknown = sorted({p for p in prompts if p not in self.tasks})
+        if unknown:
+            raise SoftPromptError(f"unknown prompt(s) {unknown}; loaded: {sorted(self.tasks)}")
+        handles = []
+        for i, (item, name) in enumerate(zip(inputs, prompts)):
+            task = self.tasks[name]
+            params = SamplingParams(max_new_tokens=max_new_tokens or task.max_new_tokens,
+                                    temperature=temperature, top_p=top_p, seed=seed,
+                                    stop=[task.stop] if task.stop else [])
+            ids = encode_for_generation(
+                task, input_example(task, item, i), self.tokenizer,
+                num_virtual_tokens=self.engine.prefix_length(name),
+                max_new_tokens=params.max_new_tokens, max_length=context_limit(self.model))
+            if self.engine.bos is not None and ids[:1] == [self.engine.bos]:
+                ids = ids[1:]  # BOS lives in the prefix
+            handles.append(self.engine.submit(name, ids, params))
+        self.engine.run_until_idle()
+        return [h.result().text for h in handles]
+
+
+def load_prompts(directories: dict[str, str | Path] | Sequence[str | Path], *,
+                 model: str | None = None, device: str | torch.device = "auto",
+                 dtype: str | torch.dtype = "auto", loaded: tuple[Any, Any] | None = None,
+                 max_batch_size: int = 32, prefix_cache_mb: int = 512) -> PromptPool:
+    """Load several prompt directories onto one model (by default the first prompt's).
+
+    ``directories`` maps names to directories, or is a list (each named by its directory).
+    All prompts must fit the model.
+    """
+    named = (dict(directories) if isinstance(directories, dict)
+             else {Path(d).name: d for d in directories})
+    if not named:
+        raise SoftPromptError("give at least one prompt directory")
+    _, first = load_prompt_tensor(next(iter(named.values())))
+    name = model or first.model
+    torch_device = models.resolve_device(device)
+    lm, tokenizer = loaded or models.load_model(
+        name, dtype=models.resolve_dtype(dtype, torch_device), device=torch_device)
+    pool = PromptPool(lm, tokenizer, name, max_batch_size=max_batch_size,
+                      prefix_cache_mb=prefix_cache_mb)
+    for prompt_name, directory in named.items():
+        pool.add(prompt_name, directory)
+    return pool

@@ -86,3 +86,33 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_writable(path: str | Path, flag: str = "--output", directory: bool = True) -> None:
+    """Refuse an output that cannot be written, before any slow work.
+
+    ``path`` is a directory to create (``directory``) or a file to write. Its nearest existing
+    ancestor must be a writable directory; this is tried for real (a temporary directory made
+    and removed there), so read-only mounts and pseudo filesystems such as /proc are caught.
+
+    Raises:
+        SoftPromptError: one line naming ``flag`` and the path.
+    """
+    from softprompt.errors import SoftPromptError
+
+    path = Path(path)
+    if path.exists():
+        if directory and not path.is_dir():
+            raise SoftPromptError(f"{flag} {path} is a file; give a directory")
+        if not directory and path.is_dir():
+            raise SoftPromptError(f"{flag} {path} is a directory; give a file path")
+    probe_in = path if directory and path.is_dir() else path.parent
+    while not probe_in.exists():
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise SoftPromptError(f"{flag} {path}: cannot create it, {probe_in} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe_in, prefix=".softprompt-write-test-"))
+    except OSError as exc:
+        raise SoftPromptError(f"{flag} {path}: cannot write in {probe_in} "
+                              f"({exc.strerror or exc}); choose another path") from None

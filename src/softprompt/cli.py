@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import types
 import typing
@@ -20,7 +21,10 @@ from softprompt.config import DEFAULT_MODEL, GenerationConfig, PromptConfig, Pro
 from softprompt.errors import SoftPromptError
 
 
-def _add_dataclass(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def _add_dataclass(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                   shown: dict[str, str] | None = None) -> argparse._ArgumentGroup:
+    """One flag per field of ``cls``; ``shown`` overrides the default printed in ``--help``
+    (where the command sets its own default)."""
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip())
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
@@ -40,10 +44,11 @@ def _add_dataclass(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, 
             group.add_argument(flag, dest=f.name, default=default.value,
                                choices=[i.value for i in PromptInit], help=help_text)
             continue
-        shown = default.value if hasattr(default, "value") else default
+        text = (shown or {}).get(f.name, default.value if hasattr(default, "value") else default)
         group.add_argument(flag, dest=f.name, type=kind, default=default, metavar=f.name.upper()
                            if kind is str else kind.__name__.upper(),
-                           help=f"{help_text} (default: {shown})")
+                           help=f"{help_text} (default: {text})")
+    return group
 
 
 def _pick(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -60,13 +65,38 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
                         "source=article or answers=answers.text; repeatable")
     g.add_argument("--source-lang", default="English", help="translation source language")
     g.add_argument("--target-lang", default="German", help="translation target language")
-    g.add_argument("--stop", default=None, help="stop string for generation (task default)")
+    g.add_argument("--stop", default=None, help="stop string for generation (task default); "
+                   "\\n is a newline, \\t a tab, \\\\ a backslash")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto",
+                   help="where the model runs: auto (CUDA, else MPS, else CPU; the process's "
+                        "device under accelerate/torchrun), cpu, cuda, cuda:N, mps "
+                        "(default: auto)")
+    g.add_argument("--dtype", default="auto",
+                   help="model weights: auto (bfloat16 on CUDA where supported, else float32), "
+                        "float32, bfloat16, float16 (default: auto)")
+
+
+def _runtime(args: argparse.Namespace) -> dict[str, Any]:
+    return {"device": args.device, "dtype": args.dtype}
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def parse_stop(text: str) -> str:
+    """``--stop``: the text as given, with ``\\n``, ``\\t`` and ``\\\\`` read as newline,
+    tab and one backslash (any other character, non-ASCII included, stays as it is)."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def _task(args: argparse.Namespace):
     from softprompt.tasks import get_task, parse_field_map
 
-    stop = None if args.stop is None else args.stop.encode().decode("unicode_escape")
+    stop = None if args.stop is None else parse_stop(args.stop)
     return get_task(args.task, template=args.template, target_field=args.target_field,
                     field_map=parse_field_map(args.field_map), source_lang=args.source_lang,
                     target_lang=args.target_lang, stop=stop)
@@ -80,8 +110,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from softprompt import api
 
     result = api.train(task, args.train, args.output, validation=args.validation,
-                       model=args.model, split=args.split, overwrite=args.overwrite,
-                       resume=args.resume, progress=not args.quiet,
+                       model=args.model, train_split=args.train_split,
+                       validation_split=args.validation_split, overwrite=args.overwrite,
+                       resume=args.resume, progress=not args.quiet, **_runtime(args),
                        **_pick(args, PromptConfig), **_pick(args, TrainConfig))
     from softprompt.distributed import distributed_state
 
@@ -90,18 +121,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """GenerationConfig flags given; ``--max-new-tokens`` left out means the task's."""
+    options = _pick(args, GenerationConfig)
+    if options.get("max_new_tokens") is None:
+        options.pop("max_new_tokens", None)
+    return options
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from softprompt import api
+    from softprompt import api, atomic
     from softprompt.data import read_records
 
     if (args.input is None) == (args.file is None):
         raise SoftPromptError("give exactly one of --input TEXT or --file PATH")
+    options = _generation_options(args)
+    GenerationConfig(**options)  # bad values answer before the model load
+    if args.output:
+        atomic.check_writable(args.output, "--output", directory=False)
     items = ([api.parse_input(args.input)] if args.input is not None
-             else list(read_records(args.file)))
-    pm = api.load_prompt(args.prompt, model=args.model)
-    options = _pick(args, GenerationConfig)
-    if args.max_new_tokens is None:
-        options.pop("max_new_tokens")
+             else list(read_records(args.file, args.file_split)))
+    pm = api.load_prompt(args.prompt, model=args.model, **_runtime(args))
     outputs = pm.generate(items, progress=args.file is not None, **options)
     if args.input is not None:
         print(outputs[0])
@@ -110,8 +150,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                ensure_ascii=False) + "\n"
                     for i, (rec, out) in enumerate(zip(items, outputs)))
     if args.output:
-        from softprompt import atomic
-
         atomic.write_text(args.output, lines)
     else:
         sys.stdout.write(lines)
@@ -119,56 +157,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from softprompt import models
-    from softprompt.data import read_records
-    from softprompt.evaluation import System, evaluate, write_eval
-    from softprompt.prompt import check_hidden_size, load_prompt_tensor
-    from softprompt.tasks import Task
-
     chosen = [args.prompt is not None, args.hard is not None, args.no_instruction]
     if sum(chosen) != 1:
         raise SoftPromptError("give exactly one of --prompt DIR, --hard TEXT, --no-instruction")
-    out = Path(args.output)
-    if (out / "metrics.json").exists() and not args.overwrite:
-        raise SoftPromptError(f"{out} already holds metrics.json; pass --overwrite to replace it")
-    prompt, model_name = None, args.model or models.DEFAULT_MODEL
-    if args.prompt is not None:
-        prompt, meta = load_prompt_tensor(args.prompt)
-        model_name = args.model or meta.model
-        task = _task(args) if args.task or args.template else Task.from_dict(meta.task)
-        system = System("soft prompt", prompt)
-    else:
-        task = _task(args)
-        system = (System("hard", instruction=args.hard) if args.hard is not None
-                  else System("no instruction"))
-    records = read_records(args.test, args.split, limit=args.limit)
-    model, tokenizer = models.load_model(model_name)
-    if prompt is not None:
-        check_hidden_size(prompt, model.config.hidden_size, args.prompt)
-    options = _pick(args, GenerationConfig)
-    options["max_new_tokens"] = args.max_new_tokens or task.max_new_tokens
-    result = evaluate(model, tokenizer, task, records, system,
-                      generation=GenerationConfig(**options), max_length=args.max_length,
-                      progress=not args.quiet)
-    write_eval(out, result)
+    task = _task(args) if args.prompt is None or args.task or args.template else None
+    from softprompt import api
+
+    result = api.evaluate(args.test, args.output, prompt=args.prompt, hard=args.hard,
+                          task=task, model=args.model, test_split=args.test_split,
+                          limit=args.limit, max_length=args.max_length,
+                          overwrite=args.overwrite, progress=not args.quiet, **_runtime(args),
+                          **_generation_options(args))
     print(json.dumps(result.metrics, indent=1))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from softprompt.comparison import compare, summary
-
-    options = _pick(args, GenerationConfig)
     task = _task(args)
-    options["max_new_tokens"] = args.max_new_tokens or task.max_new_tokens
-    model_names = [m.strip() for m in args.models.split(",") if m.strip()]
-    comparisons = compare(task, args.train, args.test, args.output,
-                          validation_path=args.validation, prompt_dir=args.prompt,
-                          hard=args.hard, model_names=model_names, limit=args.limit,
-                          val_limit=args.val_limit, generation=GenerationConfig(**options),
-                          prompt_config=PromptConfig(**_pick(args, PromptConfig)),
-                          train_config=TrainConfig(**_pick(args, TrainConfig)),
-                          overwrite=args.overwrite, reuse=args.reuse, progress=not args.quiet)
+    from softprompt import api
+    from softprompt.comparison import summary
+
+    comparisons = api.compare(
+        task, args.train, args.test, args.output, validation=args.validation,
+        prompt=args.prompt, hard=args.hard or (), models=args.models,
+        train_split=args.train_split, validation_split=args.validation_split,
+        test_split=args.test_split, limit=args.limit, val_limit=args.val_limit,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        eval_batch_size=args.eval_batch_size, eval_seed=args.eval_seed,
+        overwrite=args.overwrite, reuse=args.reuse, progress=not args.quiet, **_runtime(args),
+        **_pick(args, PromptConfig), **_pick(args, TrainConfig))
     print(summary(comparisons))
     print(f"\nreport: {Path(args.output) / 'report.md'}")
     return 0
@@ -180,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.prompts, model=args.model, host=args.host, port=args.port,
           api_key=args.api_key, max_batch_size=args.max_batch_size,
           max_new_tokens_limit=args.max_new_tokens_limit,
-          prefix_cache_mb=args.prefix_cache_mb)
+          prefix_cache_mb=args.prefix_cache_mb, **_runtime(args))
     return 0
 
 
@@ -199,6 +216,10 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
                    help="largest max_tokens a request may ask for (default: 512)")
     p.add_argument("--prefix-cache-mb", type=int, default=512,
                    help="memory bound of the prompts' cached key/values (default: 512)")
+    _add_runtime_args(p)
+
+
+TASK_DEFAULT = {"max_new_tokens": "the task's"}  # --max-new-tokens unset: the task decides
 
 
 def _evaluate_parser(p: argparse.ArgumentParser) -> None:
@@ -207,49 +228,66 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hard", help="a hand-written instruction put before each input")
     p.add_argument("--no-instruction", action="store_true", help="the plain template alone")
     p.add_argument("--test", required=True, help="test data: .jsonl, .json, .csv or hf:NAME")
-    p.add_argument("--split", default=None, help="split of an hf: dataset")
+    p.add_argument("--test-split", default="test", help="split of an hf: --test (default: test)")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--model", default=None, help="model (default: the prompt's, or "
                    f"{DEFAULT_MODEL})")
+    _add_runtime_args(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
-    p.add_argument("--max-length", type=int, default=1024, help="input tokens kept per example")
+    p.add_argument("--max-length", type=int, default=1024,
+                   help="input tokens kept per example (default: 1024)")
     p.add_argument("--overwrite", action="store_true", help="replace results in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_dataclass(p, GenerationConfig)
+    _add_dataclass(p, GenerationConfig, shown=TASK_DEFAULT)
     p.set_defaults(max_new_tokens=None)
 
 
 def _compare_parser(p: argparse.ArgumentParser) -> None:
     _add_task_args(p)
     p.add_argument("--train", help="training data for the soft prompt")
+    p.add_argument("--train-split", default="train", help="split of an hf: --train "
+                   "(default: train)")
     p.add_argument("--validation", help="validation data (early stopping, metric per epoch)")
+    p.add_argument("--validation-split", default="validation",
+                   help="split of an hf: --validation (default: validation)")
     p.add_argument("--test", required=True, help="test data")
+    p.add_argument("--test-split", default="test", help="split of an hf: --test (default: test)")
     p.add_argument("--output", required=True, help="output directory for the report")
     p.add_argument("--prompt", help="use this trained prompt instead of training one")
     p.add_argument("--hard", action="append", help="an extra hand-written instruction; "
                    "repeatable (the study's and our own are always included)")
     p.add_argument("--models", default=DEFAULT_MODEL,
                    help="comma-separated models; several give a metric-vs-size plot")
+    _add_runtime_args(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N test records")
     p.add_argument("--val-limit", type=int, default=20,
-                   help="validation records generated for the per-epoch metric (0: none)")
+                   help="validation records generated for the per-epoch metric (0: none; "
+                        "default: 20)")
     p.add_argument("--overwrite", action="store_true", help="replace results in --output")
     p.add_argument("--reuse", action="store_true",
                    help="keep evaluations already in --output; run only missing systems")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_dataclass(p, PromptConfig)
     _add_dataclass(p, TrainConfig)
-    _add_dataclass(p, GenerationConfig, skip=("seed", "batch_size"))
+    g = _add_dataclass(p, GenerationConfig, skip=("seed", "batch_size"), shown=TASK_DEFAULT)
+    g.add_argument("--eval-batch-size", type=int, default=16, metavar="INT",
+                   help="Inputs decoded together in evaluation (default: 16)")
+    g.add_argument("--eval-seed", type=int, default=0, metavar="INT",
+                   help="Seed for sampling in evaluation (default: 0)")
     p.set_defaults(max_new_tokens=None)
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
     _add_task_args(p)
     p.add_argument("--train", required=True, help="training data: .jsonl, .json, .csv or hf:NAME")
+    p.add_argument("--train-split", "--split", dest="train_split", default="train",
+                   help="split of an hf: --train (default: train)")
     p.add_argument("--validation", help="validation data (early stopping, best prompt)")
-    p.add_argument("--split", default=None, help="split of an hf: training dataset")
+    p.add_argument("--validation-split", default="validation",
+                   help="split of an hf: --validation (default: validation)")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model alias, local dir or hub id")
+    _add_runtime_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace a prompt in --output")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --output")
@@ -261,10 +299,13 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 def _generate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="directory written by `softprompt train`")
     p.add_argument("--input", help="one input: plain text, or a JSON record for multi-field tasks")
-    p.add_argument("--file", help="a .jsonl/.csv file of records to generate for")
-    p.add_argument("--output", help="write JSONL predictions here (default: stdout)")
+    p.add_argument("--file", help="a .jsonl/.json/.csv file (or hf:NAME) of records to "
+                   "generate for")
+    p.add_argument("--file-split", default="test", help="split of an hf: --file (default: test)")
+    p.add_argument("--output", help="write JSONL predictions to this file (default: stdout)")
     p.add_argument("--model", default=None, help="override the model recorded with the prompt")
-    _add_dataclass(p, GenerationConfig)
+    _add_runtime_args(p)
+    _add_dataclass(p, GenerationConfig, shown=TASK_DEFAULT)
     p.set_defaults(max_new_tokens=None)
 
 

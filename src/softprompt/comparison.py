@@ -9,16 +9,20 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from softprompt import atomic, models
-from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
+from softprompt.config import GenerationConfig, PromptConfig, TrainConfig, check_count
 from softprompt.data import read_records
 from softprompt.errors import SoftPromptError
 from softprompt.evaluation import (
     METRICS_FILE,
     PREDICTIONS_FILE,
+    SOFT,
     System,
     baselines,
     evaluate,
@@ -29,8 +33,6 @@ from softprompt.report import ModelComparison, markdown_table, metrics_table, wr
 from softprompt.tasks import Task, make_examples
 from softprompt.training import LOG_FILE, train
 
-SOFT = "soft prompt"
-
 
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
@@ -39,37 +41,40 @@ def slug(name: str) -> str:
 def compare(task: Task, train_path: str | None, test_path: str, output: str | Path, *,
             validation_path: str | None = None, prompt_dir: str | None = None,
             hard: list[str] | None = None, model_names: list[str] | None = None,
+            splits: tuple[str, str, str] = ("train", "validation", "test"),
             limit: int | None = None, val_limit: int = 20,
             generation: GenerationConfig | None = None,
             prompt_config: PromptConfig | None = None, train_config: TrainConfig | None = None,
-            overwrite: bool = False, reuse: bool = False,
-            progress: bool = True) -> list[ModelComparison]:
+            overwrite: bool = False, reuse: bool = False, progress: bool = True,
+            device: str | torch.device = "auto",
+            dtype: str | torch.dtype = "auto") -> list[ModelComparison]:
     """Train (or load) a soft prompt per model and compare it with hard-prompt baselines.
 
-    ``reuse`` keeps the evaluations already in ``output`` (a finished or interrupted run) and
-    only runs the systems that are missing; with ``prompt_dir`` nothing is retrained.
+    ``splits`` are the (train, validation, test) splits of ``hf:`` sources. ``reuse`` keeps
+    the evaluations already in ``output`` (a finished or interrupted run) and only runs the
+    systems that are missing; with ``prompt_dir`` nothing is retrained.
     """
     out = Path(output)
     if (out / "report.md").exists() and not (overwrite or reuse):
         raise SoftPromptError(f"{out} already holds a report; pass --overwrite to replace it "
                               f"or --reuse to add to it")
+    check_count("--limit", limit)
+    check_count("--val-limit", val_limit, zero="none")
+    atomic.check_writable(out)
+    torch_device = models.resolve_device(device)
+    torch_dtype = models.resolve_dtype(dtype, torch_device)
     if prompt_dir is None and train_path is None:
         raise SoftPromptError("give --train PATH to train a soft prompt, or --prompt DIR")
     model_names = model_names or [models.DEFAULT_MODEL]
     if prompt_dir is not None and len(model_names) > 1:
         raise SoftPromptError("--prompt fits one model; drop --models or --prompt")
-    # Read and validate every dataset before any slow work.
-    test_records = read_records(test_path, limit=limit)
-    make_examples(task, test_records)
-    train_records = read_records(train_path) if train_path else None
-    val_records = read_records(validation_path) if validation_path else None
-    for records in (train_records or [], val_records or []):
-        make_examples(task, records)
+    train_records, val_records, test_records = _read_data(
+        task, (train_path, validation_path, test_path), splits, limit)
     gen = generation or GenerationConfig(max_new_tokens=task.max_new_tokens)
     tcfg = train_config or TrainConfig()
     comparisons = []
     for name in model_names:
-        model, tokenizer = models.load_model(name)
+        model, tokenizer = models.load_model(name, dtype=torch_dtype, device=torch_device)
         model_out = out / slug(name) if len(model_names) > 1 else out
         log: list[dict[str, Any]] = []
         train_seconds = None
@@ -94,30 +99,56 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
             train_seconds = result.meta.metrics.get("train_seconds")
         chat = bool(getattr(tokenizer, "chat_template", None))
         systems = [System(SOFT, prompt)] + baselines(task, hard, chat=chat)
-        metrics: dict[str, dict[str, float]] = {}
-        predictions: dict[str, list[dict[str, Any]]] = {}
-        for system in systems:
-            done = read_eval(model_out / "systems" / slug(system.name)) if reuse else None
-            if done is not None:
-                metrics[system.name], predictions[system.name] = done
-                continue
-            if progress:
-                print(f"evaluating {system.name} on {len(test_records)} examples ({name})",
-                      file=sys.stderr)
-            res = evaluate(model, tokenizer, task, test_records, system, generation=gen,
-                           max_length=tcfg.max_length, progress=progress)
-            write_eval(model_out / "systems" / slug(system.name), res)
-            metrics[system.name] = res.metrics
-            predictions[system.name] = res.predictions
+        metrics, predictions = _evaluate_systems(
+            model, tokenizer, task, systems, test_records, model_out / "systems", name,
+            generation=gen, max_length=tcfg.max_length, reuse=reuse, progress=progress)
         comparisons.append(ModelComparison(name, models.num_parameters(model), metrics,
                                            predictions, log, train_seconds))
     write_report(out, task.name, comparisons, task.primary_metric)
     atomic.write_json(out / "comparison.json",
                       {"task": task.name, "primary_metric": task.primary_metric,
+                       "generation": asdict(gen),
                        "models": [{"model": c.model, "num_parameters": c.num_parameters,
                                    "train_seconds": c.train_seconds, "systems": c.systems}
                                   for c in comparisons]})
     return comparisons
+
+
+def _read_data(task: Task, paths: tuple[str | None, str | None, str],
+               splits: tuple[str, str, str], limit: int | None,
+               ) -> tuple[list[dict] | None, list[dict] | None, list[dict]]:
+    """Read and validate every dataset (train, validation, test) before any slow work."""
+    test_records = read_records(paths[2], splits[2], limit=limit)
+    make_examples(task, test_records)
+    train_records, val_records = (read_records(path, split) if path else None
+                                  for path, split in zip(paths[:2], splits[:2]))
+    for records in (train_records or [], val_records or []):
+        make_examples(task, records)
+    return train_records, val_records, test_records
+
+
+def _evaluate_systems(model, tokenizer, task: Task, systems: list[System],
+                      records: list[dict], out: Path, model_name: str, *,
+                      generation: GenerationConfig, max_length: int, reuse: bool,
+                      progress: bool) -> tuple[dict[str, dict[str, float]],
+                                               dict[str, list[dict[str, Any]]]]:
+    """Evaluate each system (or, with ``reuse``, read its finished evaluation under ``out``)."""
+    metrics: dict[str, dict[str, float]] = {}
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    for system in systems:
+        done = read_eval(out / slug(system.name)) if reuse else None
+        if done is not None:
+            metrics[system.name], predictions[system.name] = done
+            continue
+        if progress:
+            print(f"evaluating {system.name} on {len(records)} examples ({model_name})",
+                  file=sys.stderr)
+        res = evaluate(model, tokenizer, task, records, system, generation=generation,
+                       max_length=max_length, progress=progress)
+        write_eval(out / slug(system.name), res)
+        metrics[system.name] = res.metrics
+        predictions[system.name] = res.predictions
+    return metrics, predictions
 
 
 def read_log(prompt_dir: Path) -> list[dict[str, Any]]:

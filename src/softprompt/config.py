@@ -40,6 +40,17 @@ def _non_negative(obj: object, *names: str) -> None:
             raise SoftPromptError(f"{_flag(name)} must be zero or positive, got {value!r}")
 
 
+def check_count(flag: str, value: int | None, zero: str | None = None) -> None:
+    """A count flag (``--limit``, ``--max-length``, ...): positive, or None for "no limit".
+
+    ``zero`` names what 0 means where 0 is allowed (``--val-limit 0``: none).
+    """
+    if value is None or value > 0 or (value == 0 and zero):
+        return
+    allowed = f"positive (or 0: {zero})" if zero else "positive"
+    raise SoftPromptError(f"{flag} must be {allowed}, got {value!r}")
+
+
 @dataclass
 class PromptConfig:
     """The soft prompt itself."""
@@ -130,7 +141,7 @@ class TrainConfig:
                 raise SoftPromptError(f"--compile cannot be combined with "
                                       f"--{other.replace('_', '-')}; drop one of them")
         _non_negative(self, "weight_decay", "max_grad_norm", "warmup_steps", "patience",
-                      "save_steps")
+                      "save_steps", "seed")
         for name in ("max_train_examples", "max_eval_examples"):
             if getattr(self, name) is not None:
                 _positive(self, name)
@@ -150,7 +161,7 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "max_new_tokens", "batch_size")
-        _non_negative(self, "temperature")
+        _non_negative(self, "temperature", "seed")
         if not 0 < self.top_p <= 1:
             raise SoftPromptError(f"--top-p must be in (0, 1], got {self.top_p!r}")
 

@@ -103,20 +103,20 @@ def _read_csv(path: Path) -> list[Record]:
     return records
 
 
-def _read_hf(spec: str, split: str | None) -> list[Record]:
+def _read_hf(spec: str, split: str) -> list[Record]:
     name, _, config = spec[len(HF_PREFIX):].partition(":")
     try:
         import datasets
     except ImportError:
-        raise SoftPromptError(f"{spec}: Hugging Face datasets need `pip install "
-                              f"'softprompt[hf]'`") from None
+        raise SoftPromptError(f"{spec} (split {split!r}): Hugging Face datasets need `pip "
+                              f"install 'softprompt[hf]'`") from None
     try:
-        ds = datasets.load_dataset(name, config or None, split=split or "train")
+        ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:  # hub / network / unknown-split errors come in many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SoftPromptError(f"{spec}: cannot load dataset ({first}); without the hub, export "
-                              f"it to JSONL and pass the file") from None
-    return [_record(dict(row), f"{spec}[{split or 'train'}]:{i}") for i, row in enumerate(ds)]
+        raise SoftPromptError(f"{spec} (split {split!r}): cannot load dataset ({first}); "
+                              f"without the hub, export it to JSONL and pass the file") from None
+    return [_record(dict(row), f"{spec}[{split}]:{i}") for i, row in enumerate(ds)]
 
 
 def read_records(source: str | Path, split: str | None = None,
@@ -125,14 +125,21 @@ def read_records(source: str | Path, split: str | None = None,
 
     Args:
         source: a ``.jsonl``/``.json``/``.csv`` path, or ``hf:NAME[:CONFIG]``.
-        split: split name for Hugging Face datasets (default ``train``).
-        limit: keep only the first ``limit`` records.
+        split: the split of a Hugging Face dataset (``train``, ``validation``, ``test``, ...);
+            required for ``hf:`` sources, ignored for files.
+        limit: keep only the first ``limit`` records (None: all).
 
     Raises:
-        SoftPromptError: missing file, bad encoding, malformed rows, or no records.
+        SoftPromptError: missing file, bad encoding, malformed rows, no records, a hub source
+            without a split, or a limit below 1.
     """
     source = str(source)
+    if limit is not None and limit < 1:
+        raise SoftPromptError(f"{source}: the record limit must be positive, got {limit!r}")
     if source.startswith(HF_PREFIX):
+        if not split:
+            raise SoftPromptError(f"{source}: a Hugging Face dataset needs an explicit split "
+                                  f"(train, validation, test, ...), e.g. --test-split test")
         records = _read_hf(source, split)
     else:
         path = Path(source)
@@ -148,5 +155,4 @@ def read_records(source: str | Path, split: str | None = None,
             records = _read_jsonl(path)
     if not records:
         raise SoftPromptError(f"{source}: no records found; the dataset is empty")
-    return records[:limit] if limit else records
-
+    return records if limit is None else records[:limit]

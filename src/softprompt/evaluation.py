@@ -17,7 +17,7 @@ import torch
 
 from softprompt import atomic
 from softprompt.batching import length_sorted_batches
-from softprompt.config import GenerationConfig
+from softprompt.config import GenerationConfig, check_count
 from softprompt.encode import adds_bos, encode_example
 from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
@@ -27,6 +27,7 @@ from softprompt.tasks import Example, Task, make_examples, render_input
 
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
+SOFT = "soft prompt"  # the name of the soft prompt system in reports and metrics.json
 
 
 @dataclass
@@ -121,7 +122,8 @@ def evaluate(model, tokenizer, task: Task, records: list[dict], system: System, 
     ``empty_rate`` (share of empty predictions), ``seconds`` and ``examples_per_s``.
     """
     gen = generation or GenerationConfig(max_new_tokens=task.max_new_tokens)
-    examples = make_examples(task, records[:limit] if limit else records)
+    check_count("limit", limit)
+    examples = make_examples(task, records if limit is None else records[:limit])
     inputs = _encode(task, examples, tokenizer, system, max_length, with_target=False,
                      reserve=gen.max_new_tokens)
     prompt = system.prompt.to(model.device) if system.prompt is not None else None

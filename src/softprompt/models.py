@@ -82,15 +82,79 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None):
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``--device`` -> a torch device that exists here.
+
+    ``auto`` is the process's device under several processes (``accelerate launch`` /
+    ``torchrun``), else CUDA, else MPS, else the CPU.
+    """
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from softprompt.distributed import distributed_state
+
+            return distributed_state().device
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SoftPromptError(f"--device {name!r} is not a device; use {DEVICE_CHOICES}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SoftPromptError(f"--device {name!r}: CUDA is not available here; "
+                              f"use --device auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SoftPromptError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA "
+                              f"device(s) here; use --device auto or cuda:0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SoftPromptError(f"--device {name!r}: MPS is not available here; "
+                              f"use --device auto or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise SoftPromptError(f"--device {name!r} is not supported; use {DEVICE_CHOICES}")
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype = "auto",
+                  device: torch.device | None = None) -> torch.dtype:
+    """``--dtype`` -> the weights' torch dtype.
+
+    ``auto`` is bfloat16 on a CUDA device that supports it, else float32 (the CPU included:
+    bfloat16 matmuls are slower than float32 on most CPUs).
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        if device is not None and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise SoftPromptError(f"--dtype {name!r} is not supported; use auto, "
+                              f"{', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32",
+               device: str | torch.device | None = "cpu"):
     """Load ``(model, tokenizer)`` with the model frozen.
+
+    The weights are loaded straight into ``dtype`` on ``device`` (no float32 copy on the CPU
+    first); both take the ``--dtype`` / ``--device`` names, ``auto`` included.
 
     Args:
         name: bundled alias, local directory, or Hugging Face model id.
-        dtype: weights dtype (default float32).
-        device: where to put the model (default CPU).
+        dtype: ``float32`` (default), ``bfloat16``, ``float16``, ``auto`` or a torch dtype.
+        device: ``cpu`` (default), ``cuda``, ``cuda:N``, ``mps``, ``auto`` or a torch device.
     """
+    torch_device = resolve_device(device or "cpu")
+    torch_dtype = resolve_dtype(dtype or "float32", torch_device)
     path = resolve(name)
     is_local = Path(path).is_dir()
     if not is_local and (Path(path).exists() or path.startswith((".", "/"))):
@@ -101,7 +165,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None,
         with _no_progress_bars():  # a CLI error after loading stays one line on stderr
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype or torch.float32, trust_remote_code=False,
+                path, dtype=torch_dtype, device_map=torch_device, trust_remote_code=False,
                 local_files_only=offline,
             )
     except OSError as exc:
@@ -119,8 +183,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None,
         # Padding is always masked out, so any id will do; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if device is not None:
-        model.to(device)
     return freeze(model), tokenizer
 
 

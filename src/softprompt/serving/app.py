@@ -336,8 +336,10 @@ def create_app(server: Server) -> FastAPI:
 def serve(prompts_dir: str | Path, *, model: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, max_batch_size: int = 32,
           max_new_tokens_limit: int = 512, prefix_cache_mb: int = 512,
+          device: str = "auto", dtype: str = "auto",
           loaded: tuple[Any, Any] | None = None) -> None:
-    """Load the model and every prompt under ``prompts_dir``, then serve until interrupted."""
+    """Load the model (``device``/``dtype`` as for every command) and every prompt under
+    ``prompts_dir``, then serve until interrupted."""
     import uvicorn
 
     from softprompt import models
@@ -354,7 +356,9 @@ def serve(prompts_dir: str | Path, *, model: str | None = None, host: str = "127
         raise SoftPromptError(f"--port must be in 0..65535, got {port}")
     name = model or models.DEFAULT_MODEL
     config = ServerConfig(root, name, api_key, max_new_tokens_limit)
-    lm, tokenizer = loaded or models.load_model(name)
+    torch_device = models.resolve_device(device)
+    torch_dtype = models.resolve_dtype(dtype, torch_device)
+    lm, tokenizer = loaded or models.load_model(name, dtype=torch_dtype, device=torch_device)
     engine = Engine(lm, tokenizer, max_batch_size=max_batch_size,
                     prefix_cache_bytes=prefix_cache_mb << 20)
     server = Server(engine, config)
