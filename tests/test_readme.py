@@ -66,7 +66,7 @@ def _command_lines() -> list[list[str]]:
 def test_every_softprompt_command_line_in_the_readme_parses():
     commands = _command_lines()
     assert len(commands) >= 12, commands  # the quickstart, resuming, processes, errors
-    assert {c[0] for c in commands} == {"train", "generate", "evaluate", "compare"}
+    assert {c[0] for c in commands} == {"train", "generate", "evaluate", "compare", "serve"}
     parser = build_parser()
     for words in commands:
         args = parser.parse_args(words)  # argparse exits (code 2) on a flag that is gone
@@ -106,9 +106,10 @@ def test_every_softprompt_name_in_the_readme_exists():
 
 
 def test_python_blocks_run(tiny_dirs, tmp_path, monkeypatch, capsys):
-    from softprompt import models
+    from softprompt import api, models
 
-    blocks = _blocks("python")
+    # The OpenAI-client block needs a running server: tests/test_serve.py runs it against one.
+    blocks = [b for b in _blocks("python") if "OpenAI(" not in b]
     assert blocks
     (tmp_path / "src" / "softprompt").mkdir(parents=True)
     (tmp_path / "src" / "softprompt" / "samples").symlink_to(ROOT / "src/softprompt/samples")
@@ -117,7 +118,7 @@ def test_python_blocks_run(tiny_dirs, tmp_path, monkeypatch, capsys):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 5, printed
+    assert len(printed) == 6, printed
     runs = tmp_path / "runs"
     meta = json.loads((runs / "de-py" / "softprompt.json").read_text())
     assert meta["model"] == "smollm2-135m" and meta["num_virtual_tokens"] == 20
@@ -127,6 +128,9 @@ def test_python_blocks_run(tiny_dirs, tmp_path, monkeypatch, capsys):
     comparison = json.loads((runs / "de-py-cmp" / "comparison.json").read_text())
     assert comparison["models"][0]["model"] == "smollm2-135m"
     assert printed[4] == str(comparison["models"][0]["systems"]["soft prompt"]["chrf"])
+    # The prompt pool decodes both inputs as the loaded prompt does alone.
+    pm = api.load_prompt(runs / "de-py")
+    assert printed[5] == str(pm.generate(["A dog runs.", "Two cats sleep."]))
     assert sorted(p.name for p in runs.iterdir()) == ["de-py", "de-py-cmp", "de-py-eval"]
 
 

@@ -15,6 +15,8 @@ _EXPORTS = {
     "PromptedModel": "softprompt.api", "generate": "softprompt.api",
     "load_prompt": "softprompt.api", "train": "softprompt.api",
     "evaluate": "softprompt.api", "compare": "softprompt.api",
+    "PromptPool": "softprompt.api", "load_prompts": "softprompt.api",
+    "Engine": "softprompt.engine", "SamplingParams": "softprompt.engine",
     "GenerationConfig": "softprompt.config", "PromptConfig": "softprompt.config",
     "PromptInit": "softprompt.config", "TrainConfig": "softprompt.config",
     "read_records": "softprompt.data", "SoftPromptError": "softprompt.errors",

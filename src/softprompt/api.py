@@ -255,3 +255,90 @@ def parse_input(text: str) -> str | dict:
         if isinstance(value, dict):
             return value
     return text
+
+
+class PromptPool:
+    """Several trained prompts on one frozen model: one batch serves any mix of them.
+
+    Every input is rendered with its own prompt's task template and decoded by the
+    continuous-batching engine (softprompt.engine), which computes each prompt's key/value
+    prefix once; with greedy decoding each output equals that input generated alone.
+
+    >>> pool = softprompt.load_prompts({"de": "runs/de", "qa": "runs/qa"})   # doctest: +SKIP
+    >>> pool.generate(["A dog runs.", {"context": "...", "question": "..."}],
+    ...               prompts=["de", "qa"])                                   # doctest: +SKIP
+    """
+
+    def __init__(self, model, tokenizer, model_name: str, *, max_batch_size: int = 32,
+                 prefix_cache_mb: int = 512):
+        from softprompt.engine import Engine
+
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size,
+                             prefix_cache_bytes=prefix_cache_mb << 20)
+        self.tasks: dict[str, Task] = {}
+
+    def add(self, name: str, directory: str | Path) -> None:
+        """Load the prompt directory ``directory`` under ``name``."""
+        tensor, meta = load_prompt_tensor(directory)
+        check_hidden_size(tensor, self.model.get_input_embeddings().weight.shape[1],
+                          str(Path(directory) / "prompt.safetensors"))
+        self.engine.add_prompt(name, tensor)
+        self.tasks[name] = Task.from_dict(meta.task)
+
+    def generate(self, inputs: Sequence[str | dict], prompts: Sequence[str], *,
+                 max_new_tokens: int | None = None, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0) -> list[str]:
+        """One output per input, input ``i`` behind prompt ``prompts[i]``, batched together.
+
+        ``max_new_tokens`` defaults to each prompt's task setting; long inputs have their
+        task's truncate field cut to fit the model's positions.
+        """
+        from softprompt.engine import SamplingParams
+
+        if len(inputs) != len(prompts):
+            raise SoftPromptError(f"{len(inputs)} inputs but {len(prompts)} prompts; give one "
+                                  f"prompt per input")
+        unknown = sorted({p for p in prompts if p not in self.tasks})
+        if unknown:
+            raise SoftPromptError(f"unknown prompt(s) {unknown}; loaded: {sorted(self.tasks)}")
+        handles = []
+        for i, (item, name) in enumerate(zip(inputs, prompts)):
+            task = self.tasks[name]
+            params = SamplingParams(max_new_tokens=max_new_tokens or task.max_new_tokens,
+                                    temperature=temperature, top_p=top_p, seed=seed,
+                                    stop=[task.stop] if task.stop else [])
+            ids = encode_for_generation(
+                task, input_example(task, item, i), self.tokenizer,
+                num_virtual_tokens=self.engine.prefix_length(name),
+                max_new_tokens=params.max_new_tokens, max_length=context_limit(self.model))
+            if self.engine.bos is not None and ids[:1] == [self.engine.bos]:
+                ids = ids[1:]  # BOS lives in the prefix
+            handles.append(self.engine.submit(name, ids, params))
+        self.engine.run_until_idle()
+        return [h.result().text for h in handles]
+
+
+def load_prompts(directories: dict[str, str | Path] | Sequence[str | Path], *,
+                 model: str | None = None, device: str | torch.device = "auto",
+                 dtype: str | torch.dtype = "auto", loaded: tuple[Any, Any] | None = None,
+                 max_batch_size: int = 32, prefix_cache_mb: int = 512) -> PromptPool:
+    """Load several prompt directories onto one model (by default the first prompt's).
+
+    ``directories`` maps names to directories, or is a list (each named by its directory).
+    All prompts must fit the model.
+    """
+    named = (dict(directories) if isinstance(directories, dict)
+             else {Path(d).name: d for d in directories})
+    if not named:
+        raise SoftPromptError("give at least one prompt directory")
+    _, first = load_prompt_tensor(next(iter(named.values())))
+    name = model or first.model
+    torch_device = models.resolve_device(device)
+    lm, tokenizer = loaded or models.load_model(
+        name, dtype=models.resolve_dtype(dtype, torch_device), device=torch_device)
+    pool = PromptPool(lm, tokenizer, name, max_batch_size=max_batch_size,
+                      prefix_cache_mb=prefix_cache_mb)
+    for prompt_name, directory in named.items():
+        pool.add(prompt_name, directory)
+    return pool

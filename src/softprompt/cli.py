@@ -191,6 +191,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from softprompt.serving.app import serve
+
+    serve(args.prompts, model=args.model, host=args.host, port=args.port,
+          api_key=args.api_key, max_batch_size=args.max_batch_size,
+          max_new_tokens_limit=args.max_new_tokens_limit,
+          prefix_cache_mb=args.prefix_cache_mb, **_runtime(args))
+    return 0
+
+
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", required=True,
+                   help="directory whose sub-directories are trained prompts (each served "
+                        "under its directory name)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the frozen model every prompt uses")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="requests decoded together at most (default: 32)")
+    p.add_argument("--max-new-tokens-limit", type=int, default=512,
+                   help="largest max_tokens a request may ask for (default: 512)")
+    p.add_argument("--prefix-cache-mb", type=int, default=512,
+                   help="memory bound of the prompts' cached key/values (default: 512)")
+    _add_runtime_args(p)
+
+
 TASK_DEFAULT = {"max_new_tokens": "the task's"}  # --max-new-tokens unset: the task decides
 
 
@@ -286,6 +314,7 @@ COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "generate": (_generate_parser, cmd_generate, "generate with a trained prompt"),
     "evaluate": (_evaluate_parser, cmd_evaluate, "score a soft or hard prompt on a test set"),
     "compare": (_compare_parser, cmd_compare, "soft vs hard prompts, with a report"),
+    "serve": (_serve_parser, cmd_serve, "serve many prompts over an OpenAI-compatible API"),
 }
 
 

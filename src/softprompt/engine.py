@@ -1,0 +1,633 @@
+"""Continuous batching over many KV prefixes: one frozen model, any mix of prompts per step.
+
+For inference every trained prompt is a key/value prefix (:class:`inputs.PromptCache`: per
+layer keys/values ``[1, kv_heads, C, head_dim]``, the next token at position ``C``). A prefix
+is computed once per prompt, on first use, and kept in an LRU cache bounded in bytes
+(:class:`PrefixCache`), keyed by the sha256 of the prompt's tensor, so two prompts never share
+an entry by accident.
+
+The running batch holds one KV cache for all its rows, aligned on the right:
+
+    row r: [masked slots | prefix_r (C_r) | masked slots | input_r (T_r) | generated ...]
+
+Masked slots carry attention mask 0 and position ids come from each row's own count, so a
+row sees exactly what it would see alone: its prefix at positions ``0..C_r-1`` and its tokens
+from ``C_r`` on (tests/test_engine.py checks every output against the row decoded alone).
+Requests that arrive while a batch decodes are prefilled together (each behind its own
+prefix) and join at the next step; finished or cancelled rows leave at once; slots that no
+remaining row uses are trimmed from the left.
+
+The engine knows nothing of HTTP: ``submit`` returns a :class:`Handle` whose events a server
+streams; :meth:`Engine.generate` is the plain Python entry point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from softprompt.encode import adds_bos, context_limit
+from softprompt.errors import SoftPromptError
+from softprompt.generation import check_inputs
+from softprompt.inputs import PromptCache, build_prompt_cache, cached_forward, reserved_cache
+
+__all__ = ["Engine", "Handle", "Completion", "PrefixCache", "prompt_key", "SamplingParams"]
+
+
+def prompt_key(tensor: torch.Tensor) -> str:
+    """sha256 of a prompt tensor's float32 bytes and shape: the prefix cache's key."""
+    t = tensor.detach().to("cpu", torch.float32).contiguous()
+    h = hashlib.sha256(str(list(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _prefix_bytes(prefix: PromptCache) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+               for k, v in prefix.layers)
+
+
+class PrefixCache:
+    """KV prefixes by key, least recently used evicted past ``max_bytes``.
+
+    A prefix larger than the whole budget is built on every use and never kept.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, PromptCache] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key: str, build: Callable[[], PromptCache | None]) -> PromptCache | None:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return self._entries[key]
+        self.misses += 1
+        prefix = build()
+        if prefix is None:
+            return None
+        size = _prefix_bytes(prefix)
+        if size <= self.max_bytes:
+            while self.bytes + size > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.bytes -= _prefix_bytes(old)
+                self.evictions += 1
+            self._entries[key] = prefix
+            self.bytes += size
+        return prefix
+
+    def discard(self, key: str) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= _prefix_bytes(old)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings of one request (greedy unless ``temperature > 0``)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise SoftPromptError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise SoftPromptError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SoftPromptError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.stop = [s for s in self.stop if s]
+
+
+@dataclass
+class Completion:
+    """What a finished request produced."""
+
+    text: str  # cut at the first stop string, stripped (as generation.generate returns)
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string), "length", "cancelled" or "error"
+    prompt_tokens: int
+    error: str | None = None
+    queue_seconds: float = 0.0  # submitted -> prefill started
+    first_token_seconds: float = 0.0  # submitted -> first token
+    seconds: float = 0.0  # submitted -> finished
+
+
+class Handle:
+    """A submitted request: stream its text deltas with :meth:`events`, or wait for
+    :meth:`result`. Thread-safe; :meth:`cancel` frees its batch row at the next step."""
+
+    def __init__(self, ident: int, prompt: str | None, input_ids: list[int],
+                 params: SamplingParams,
+                 listener: Callable[[str, str | Completion], None] | None = None):
+        self.id, self.prompt, self.input_ids, self.params = ident, prompt, input_ids, params
+        self._listener = listener  # called from the engine's thread with every event
+        self.submitted = time.perf_counter()
+        self.started: float | None = None
+        self.first_token: float | None = None
+        self.cancelled = False
+        self._events: queue.Queue[tuple[str, str | Completion]] = queue.Queue()
+        self._done = threading.Event()
+        self._completion: Completion | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _emit(self, kind: str, value: str | Completion) -> None:
+        self._events.put((kind, value))
+        if self._listener is not None:
+            self._listener(kind, value)
+
+    def _delta(self, text: str) -> None:
+        self._emit("delta", text)
+
+    def _finish(self, completion: Completion) -> None:
+        self._completion = completion
+        self._done.set()
+        self._emit("done", completion)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
+        assert self._completion is not None
+        return self._completion
+
+    def next_event(self, timeout: float | None = None) -> tuple[str, str | Completion]:
+        """``("delta", text)`` or ``("done", Completion)``; raises ``queue.Empty`` on timeout."""
+        return self._events.get(timeout=timeout)
+
+
+@dataclass
+class _Prompt:
+    """A servable prompt: its ``[P, H]`` tensor (None: the bare model) and cache key."""
+
+    name: str
+    tensor: torch.Tensor | None
+    key: str
+
+
+class _Row:
+    """Decoding state of one request in the running batch."""
+
+    def __init__(self, handle: Handle, prefix_length: int, device: torch.device):
+        self.handle = handle
+        self.params = handle.params
+        self.generated: list[int] = []
+        self.sent = ""  # the output text already streamed
+        self.next_pos = prefix_length + len(handle.input_ids)
+        self.gen = None
+        if self.params.temperature > 0:
+            self.gen = torch.Generator().manual_seed(self.params.seed)
+        self.reason: str | None = None
+
+
+class Engine:
+    """One worker that owns the model and decodes every request in shared steps.
+
+    Args:
+        model, tokenizer: the frozen model (see :func:`softprompt.load_model`).
+        max_batch_size: rows decoded together at most; further requests wait.
+        prefix_cache_bytes: bound of the KV prefix cache.
+        mixed: let rows of different prompts share a batch. Off, the engine batches one
+            prompt's requests at a time (what adapter-per-batch servers do; a benchmark
+            reference).
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 32,
+                 prefix_cache_bytes: int = 512 << 20, mixed: bool = True):
+        if max_batch_size <= 0:
+            raise SoftPromptError(f"--max-batch-size must be positive, got {max_batch_size}")
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.device
+        self.max_batch_size = max_batch_size
+        self.mixed = mixed
+        self.prefixes = PrefixCache(prefix_cache_bytes)
+        self.bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+        self.limit = context_limit(model)  # positions the model has (None: no known limit)
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self._prompts: dict[str | None, _Prompt] = {None: _Prompt("", None, "bare")}
+        self._waiting: list[Handle] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._next_id = 0
+        # The running batch: rows, their KV cache ([B, kv, S, d] per layer), mask [B, S], and
+        # the token each row sampled last (not yet fed).
+        self._rows: list[_Row] = []
+        self._cache = None
+        self._mask: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None
+        self._thread: threading.Thread | None = None
+        self._stop_thread = threading.Event()
+        self.on_step: Callable[[int], None] | None = None  # called with each step's batch size
+
+    # --- prompts -------------------------------------------------------------------------------
+
+    def add_prompt(self, name: str, tensor: torch.Tensor) -> str:
+        """Register ``tensor`` ``[P, H]`` under ``name``; returns its cache key."""
+        hidden = self.model.get_input_embeddings().weight.shape[1]
+        if tensor.dim() != 2 or tensor.shape[1] != hidden:
+            raise SoftPromptError(f"prompt {name!r} is {list(tensor.shape)}; this model needs "
+                                  f"[P, {hidden}]")
+        if not torch.isfinite(tensor).all():
+            raise SoftPromptError(f"prompt {name!r} holds non-finite values")
+        key = prompt_key(tensor)
+        with self._lock:
+            self._prompts[name] = _Prompt(name, tensor.detach().float().cpu(), key)
+        return key
+
+    def remove_prompt(self, name: str) -> None:
+        """Forget a prompt; running rows finish, waiting requests for it fail."""
+        with self._lock:
+            entry = self._prompts.pop(name, None)
+        if entry is None:
+            raise SoftPromptError(f"no prompt named {name!r}")
+        if not any(p.key == entry.key for p in self._prompts.values()):
+            self.prefixes.discard(entry.key)
+
+    def prompt_names(self) -> list[str]:
+        return sorted(n for n in self._prompts if n is not None)
+
+    def prefix_length(self, prompt: str | None) -> int:
+        """Positions the prompt's prefix takes (BOS included where the tokenizer adds one)."""
+        entry = self._prompts.get(prompt)
+        if entry is None:
+            raise SoftPromptError(f"no prompt named {prompt!r}")
+        tokens = 0 if entry.tensor is None else entry.tensor.shape[0]
+        return tokens + (self.bos is not None)
+
+    def _prefix(self, entry: _Prompt) -> PromptCache | None:
+        if entry.tensor is None and self.bos is None:
+            return None  # the bare model without BOS: nothing stands before the input
+        return self.prefixes.get(entry.key, lambda: build_prompt_cache(
+            self.model, None if entry.tensor is None else entry.tensor.to(self.device),
+            self.bos))
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of an input text, BOS removed (it lives in the prefix)."""
+        ids = self.tokenizer(text).input_ids
+        if self.bos is not None and ids and ids[0] == self.bos:
+            ids = ids[1:]
+        return ids
+
+    def submit(self, prompt: str | None, inputs: str | list[int],
+               params: SamplingParams | None = None,
+               listener: Callable[[str, str | Completion], None] | None = None) -> Handle:
+        """Queue one request behind ``prompt`` (a registered name, or None for the bare
+        model); ``inputs`` is the rendered input text or its ids (without BOS). ``listener``
+        is called from the engine's thread with each ``("delta", text)`` and the final
+        ``("done", Completion)``."""
+        ids = self.encode(inputs) if isinstance(inputs, str) else list(inputs)
+        if prompt not in self._prompts:
+            raise SoftPromptError(f"no prompt named {prompt!r}; known: {self.prompt_names()}")
+        params = params or SamplingParams()
+        check_inputs([ids], self.prefix_length(prompt) - (self.bos is not None),
+                     params.max_new_tokens, self.limit, bos=self.bos is not None)
+        with self._lock:
+            handle = Handle(self._next_id, prompt, ids, params, listener)
+            self._next_id += 1
+            self._waiting.append(handle)
+        self._wake.set()
+        return handle
+
+    def generate(self, inputs: Sequence[str | list[int]], prompts: Sequence[str | None],
+                 params: SamplingParams | None = None) -> list[str]:
+        """Generate for each input behind its own prompt, all batched together."""
+        if len(inputs) != len(prompts):
+            raise SoftPromptError(f"{len(inputs)} inputs but {len(prompts)} prompts; give one "
+                                  f"prompt per input")
+        handles = [self.submit(p, x, params) for x, p in zip(inputs, prompts)]
+        if self._thread is None:
+            self.run_until_idle()
+        return [h.result().text for h in handles]
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._rows or self._waiting)
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self._rows), "waiting": len(self._waiting),
+                "prefix_hits": self.prefixes.hits, "prefix_misses": self.prefixes.misses,
+                "prefix_evictions": self.prefixes.evictions, "prefix_bytes": self.prefixes.bytes,
+                "prefixes_cached": len(self.prefixes)}
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> None:
+        for _ in range(max_steps):
+            if not self.step():
+                return
+        raise RuntimeError(f"engine still busy after {max_steps} steps")
+
+    def start(self) -> None:
+        """Run the loop in a background thread (what a server does)."""
+        if self._thread is not None:
+            return
+        self._stop_thread.clear()
+        self._thread = threading.Thread(target=self._loop, name="softprompt-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop_thread.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop_thread.is_set():
+            try:
+                worked = self.step()
+            except Exception as exc:  # a failed step fails its requests, not the server
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+                worked = True
+            if not worked:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One decoding step for the running rows, then admit waiting requests.
+
+        Returns False when there was nothing to do.
+        """
+        self._drop_rows([i for i, r in enumerate(self._rows) if r.handle.cancelled],
+                        "cancelled")
+        worked = False
+        if self._rows:
+            if self.on_step is not None:
+                self.on_step(len(self._rows))
+            self._decode()
+            worked = True
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+            worked = True
+        return worked
+
+    def _admit(self) -> list[tuple[Handle, PromptCache | None]]:
+        room = self.max_batch_size - len(self._rows)
+        with self._lock:
+            if self.mixed:
+                taken, self._waiting = self._waiting[:room], self._waiting[room:]
+            else:  # only the running prompt's requests (or the oldest waiting one's)
+                current = self._rows[0].handle.prompt if self._rows else (
+                    self._waiting[0].prompt if self._waiting else None)
+                same = [h for h in self._waiting if h.prompt == current][:room]
+                taken = same
+                self._waiting = [h for h in self._waiting if not any(h is t for t in same)]
+            entries = [self._prompts.get(h.prompt) for h in taken]
+        admitted = []
+        for handle, entry in zip(taken, entries):
+            if handle.cancelled:
+                handle._finish(Completion("", [], "cancelled", len(handle.input_ids)))
+            elif entry is None:
+                self._fail(handle, f"prompt {handle.prompt!r} was removed")
+            else:
+                admitted.append((handle, self._prefix(entry)))
+        return admitted
+
+    def _prefill(self, admitted: list[tuple[Handle, PromptCache | None]]) -> None:
+        """Prefill newcomers, each behind its own prefix, then join them to the batch.
+
+        Newcomer ``i`` (prefix ``C_i``, input ``T_i``) becomes the row
+        ``[masked | prefix_i | masked | input_i]`` of width ``max C + max T``.
+        """
+        n = len(admitted)
+        now = time.perf_counter()
+        lengths = [0 if p is None else p.length for _, p in admitted]
+        width_c = max(lengths)
+        width_t = max(len(h.input_ids) for h, _ in admitted)
+        ids = torch.full((n, width_t), self.pad, dtype=torch.long)
+        mask = torch.zeros((n, width_c + width_t), dtype=torch.long)
+        positions = torch.zeros((n, width_t), dtype=torch.long)
+        for i, (handle, _) in enumerate(admitted):
+            handle.started = now
+            t, c = len(handle.input_ids), lengths[i]
+            ids[i, width_t - t:] = torch.tensor(handle.input_ids)
+            mask[i, width_c - c:width_c] = 1
+            mask[i, width_c + width_t - t:] = 1
+            positions[i, width_t - t:] = torch.arange(c, c + t)
+        remaining = max(h.params.max_new_tokens for h, _ in admitted)
+        cache = reserved_cache(width_c + width_t + remaining)
+        if width_c:
+            _fill_prefixes(cache, [p for _, p in admitted], width_c, self.model)
+        mask = mask.to(self.device)
+        logits, cache = cached_forward(self.model, cache, ids.to(self.device), mask,
+                                       positions.to(self.device))
+        rows = [_Row(h, c, self.device) for (h, _), c in zip(admitted, lengths)]
+        tokens = self._sample(rows, logits)
+        self._join(rows, cache, mask, tokens)
+        self._after_sampling(tokens)
+
+    def _decode(self) -> None:
+        """Feed every row's pending token; sample the next one."""
+        assert self._mask is not None and self._pending is not None
+        bsz = len(self._rows)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(bsz, 1)], 1)
+        positions = torch.tensor([[r.next_pos] for r in self._rows], device=self.device)
+        logits, self._cache = cached_forward(self.model, self._cache, self._pending.unsqueeze(1),
+                                             self._mask, positions)
+        for r in self._rows:
+            r.next_pos += 1
+        tokens = self._sample(self._rows, logits)
+        self._pending = tokens
+        self._after_sampling(tokens)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """``[B, V]`` logits -> ``[B]`` next tokens, each row with its own settings."""
+        tokens = logits.argmax(-1)
+        for i, row in enumerate(rows):
+            p = row.params
+            if p.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i].float() / p.temperature, -1)
+            if p.top_p < 1:
+                sorted_probs, order = probs.sort(descending=True)
+                drop = sorted_probs.cumsum(-1) - sorted_probs > p.top_p
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(drop, 0))
+            tokens[i] = torch.multinomial(probs.cpu(), 1, generator=row.gen).item()
+        return tokens
+
+    def _after_sampling(self, tokens: torch.Tensor) -> None:
+        """Record each row's new token, stream its text, and drop rows that finished.
+
+        ``tokens`` are the last ``len(tokens)`` rows' tokens (all rows after a decode step,
+        the newcomers after a prefill).
+        """
+        offset = len(self._rows) - len(tokens)
+        done: list[int] = []
+        now = time.perf_counter()
+        for j, tok in enumerate(tokens.tolist()):
+            i = offset + j
+            row = self._rows[i]
+            if row.handle.first_token is None:
+                row.handle.first_token = now
+            if tok == self.eos:
+                row.reason = "stop"
+            else:
+                row.generated.append(tok)
+                if self._stream(row):
+                    row.reason = "stop"
+                elif len(row.generated) >= row.params.max_new_tokens:
+                    row.reason = "length"
+            if row.reason is not None:
+                done.append(i)
+        self._drop_rows(done, None)
+
+    def _stream(self, row: _Row) -> bool:
+        """Send the row's new text; True when a stop string has appeared."""
+        body = self.tokenizer.decode(row.generated, skip_special_tokens=True).lstrip()
+        for stop in row.params.stop:
+            if stop in body:
+                return True
+        # Hold back what a stop string, trailing whitespace (stripped at the end) or a
+        # half-decoded character could still change.
+        hold = max((len(s) for s in row.params.stop), default=1) - 1
+        safe = body[:len(body) - hold].rstrip().rstrip("\ufffd")
+        if len(safe) > len(row.sent) and safe.startswith(row.sent):
+            row.handle._delta(safe[len(row.sent):])
+            row.sent = safe
+        return False
+
+    def _final_text(self, row: _Row) -> str:
+        """The output cut at its earliest stop string (after leading whitespace), stripped."""
+        body = self.tokenizer.decode(row.generated, skip_special_tokens=True).lstrip()
+        found = [at for at in (body.find(s) for s in row.params.stop) if at >= 0]
+        return body[:min(found)].strip() if found else body.strip()
+
+    def _drop_rows(self, indices: list[int], reason: str | None) -> None:
+        """Finish rows ``indices`` and take them out of the batch."""
+        if not indices:
+            return
+        for i in indices:
+            row = self._rows[i]
+            h = row.handle
+            text = self._final_text(row)
+            if len(text) > len(row.sent) and text.startswith(row.sent):
+                h._delta(text[len(row.sent):])
+            h._finish(Completion(text, list(row.generated), reason or row.reason or "stop",
+                                 len(h.input_ids),
+                                 queue_seconds=(h.started or h.submitted) - h.submitted,
+                                 first_token_seconds=(h.first_token or h.submitted)
+                                 - h.submitted,
+                                 seconds=time.perf_counter() - h.submitted))
+        gone = set(indices)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = self._pending = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        if self._pending is not None:
+            self._pending = self._pending[index]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading slots that no row attends to (left by rows that left)."""
+        assert self._mask is not None
+        used = self._mask.sum(0) > 0
+        lead = int(used.long().argmax()) if bool(used.any()) else 0
+        if lead > 0:
+            _slice_cache(self._cache, lead)
+            self._mask = self._mask[:, lead:]
+
+    def _join(self, rows: list[_Row], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Append prefilled newcomers to the running batch (caches right-aligned)."""
+        if not self._rows:
+            self._rows, self._cache, self._mask, self._pending = rows, cache, mask, tokens
+            return
+        assert self._mask is not None and self._pending is not None
+        width = max(self._mask.shape[1], mask.shape[1])
+        remaining = max(r.params.max_new_tokens - len(r.generated) for r in self._rows + rows)
+        self._cache = _concat_caches(self._cache, cache, width, width + remaining + 1)
+        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], 0)
+        self._pending = torch.cat([self._pending, tokens])
+        self._rows = self._rows + rows
+
+    def _fail(self, handle: Handle, message: str) -> None:
+        handle._finish(Completion("", [], "error", len(handle.input_ids), error=message))
+
+    def _fail_all(self, message: str) -> None:
+        for row in self._rows:
+            self._fail(row.handle, message)
+        self._rows, self._cache, self._mask, self._pending = [], None, None, None
+
+
+# --- cache surgery -----------------------------------------------------------------------------
+# TODO(merge): these belong in inputs.py, the one module that merges prompts, inputs and caches.
+
+
+def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, S]`` -> ``[B, width]`` with zeros (masked slots) on the left."""
+    extra = width - mask.shape[1]
+    return torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1) if extra else mask
+
+
+def _fill_prefixes(cache, prefixes: list[PromptCache | None], width: int, model) -> None:
+    """Write each row's prefix right-aligned into ``width`` slots of a reserved cache."""
+    n = len(prefixes)
+    first = next(p for p in prefixes if p is not None)
+    for layer_idx, (k0, v0) in enumerate(first.layers):
+        keys = k0.new_zeros(n, k0.shape[1], width, k0.shape[3])  # [n, kv, C, d]
+        values = v0.new_zeros(n, v0.shape[1], width, v0.shape[3])
+        for i, p in enumerate(prefixes):
+            if p is not None and p.length:
+                k, v = p.layers[layer_idx]
+                keys[i, :, width - p.length:] = k[0]
+                values[i, :, width - p.length:] = v[0]
+        cache.update(keys, values, layer_idx)
+
+
+def _layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _concat_caches(a, b, width: int, capacity: int):
+    """Rows of ``a`` then rows of ``b``, each left-padded to ``width`` slots."""
+    out = reserved_cache(capacity)
+    for idx, ((ka, va), (kb, vb)) in enumerate(zip(_layer_tensors(a), _layer_tensors(b))):
+        keys = torch.cat([_pad_slots(ka, width), _pad_slots(kb, width)], 0)
+        values = torch.cat([_pad_slots(va, width), _pad_slots(vb, width)], 0)
+        out.update(keys, values, idx)
+    return out
+
+
+def _pad_slots(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, kv, S, d]`` -> ``[B, kv, width, d]``, zeros on the left."""
+    extra = width - t.shape[2]
+    if not extra:
+        return t
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3]), t], 2)
+
+
+def _slice_cache(cache, lead: int) -> None:
+    """Drop the first ``lead`` slots of every layer, in place."""
+    for layer in cache.layers:
+        layer._reserve(layer.capacity, layer.keys[:, :, lead:], layer.values[:, :, lead:])

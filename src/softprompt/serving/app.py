@@ -1,0 +1,372 @@
+"""The HTTP server: OpenAI-compatible routes over one :class:`~softprompt.engine.Engine`.
+
+Route handlers are thin: they check the request, render the input with the prompt's task
+template, submit it to the engine and relay its events (whole, or as server-sent events).
+Every error is OpenAI's ``{"error": {...}}`` shape with a 4xx code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from softprompt.engine import Completion, Engine, Handle, SamplingParams
+from softprompt.errors import SoftPromptError
+from softprompt.serving import protocol
+from softprompt.serving.metrics import ServerMetrics
+from softprompt.serving.registry import ServedPrompt, discover, load_served
+from softprompt.tasks import make_example, render_input
+
+OPEN_PATHS = ("/health", "/")  # the page holds no data; it asks for the key itself
+
+
+@dataclass
+class ServerConfig:
+    """Limits and identity of one server."""
+
+    prompts_dir: Path
+    model_name: str
+    api_key: str | None = None
+    max_new_tokens_limit: int = 512
+    max_body_bytes: int = 1 << 20
+    default_max_tokens: int = 64  # for the base model, which has no task
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens_limit", "max_body_bytes", "default_max_tokens"):
+            if getattr(self, name) <= 0:
+                flag = "--" + name.replace("_", "-")
+                raise SoftPromptError(f"{flag} must be positive, got {getattr(self, name)}")
+
+
+class ApiError(Exception):
+    """A request the server refuses: becomes ``status`` with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+class Server:
+    """The prompts, the engine and the routes that join them."""
+
+    def __init__(self, engine: Engine, config: ServerConfig):
+        self.engine, self.config = engine, config
+        self.hidden_size = engine.model.get_input_embeddings().weight.shape[1]
+        self.prompts: dict[str, ServedPrompt] = {}
+        self.metrics = ServerMetrics(engine)
+        engine.on_step = self.metrics.batch_size.observe
+
+    # --- prompts -------------------------------------------------------------------------------
+
+    def load_all(self) -> None:
+        for served in discover(self.config.prompts_dir, self.hidden_size):
+            self._register(served)
+
+    def load(self, name: str) -> ServedPrompt:
+        try:
+            served = load_served(self.config.prompts_dir, name, self.hidden_size)
+        except SoftPromptError as exc:
+            missing = "no softprompt.json" in str(exc)
+            raise ApiError(404 if missing else 400, str(exc),
+                           code="prompt_not_found" if missing else "invalid_prompt") from None
+        self._register(served)
+        return served
+
+    def _register(self, served: ServedPrompt) -> None:
+        served.key = self.engine.add_prompt(served.name, served.tensor)
+        self.prompts[served.name] = served
+
+    def unload(self, name: str) -> None:
+        if name not in self.prompts:
+            raise ApiError(404, f"no prompt named {name!r} is loaded", code="model_not_found")
+        self.engine.remove_prompt(name)
+        del self.prompts[name]
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        card: dict[str, Any] = {"id": name, "object": "model", "created": 0,
+                                "owned_by": "softprompt"}
+        served = self.prompts.get(name)
+        if served is None:
+            card["softprompt"] = {"kind": "base model"}
+            return card
+        task = served.task
+        card["softprompt"] = {"kind": "soft prompt", "task": task.name,
+                              "template": task.template, "fields": task.placeholders(),
+                              "stop": task.stop, "max_new_tokens": task.max_new_tokens,
+                              "instruction": task.instruction,
+                              "num_virtual_tokens": int(served.tensor.shape[0]),
+                              "sha256": served.key}
+        return card
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def _input_text(self, served: ServedPrompt | None, value: str | dict[str, str]) -> str:
+        """The request's input rendered with the prompt's task template."""
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict):
+                value = parsed
+        if served is None:
+            if not isinstance(value, str):
+                raise ApiError(400, "the base model takes plain text; send a string")
+            text = value
+        else:
+            if isinstance(value, str):
+                names = served.task.placeholders()
+                if len(names) != 1:
+                    raise ApiError(400, f"prompt {served.name!r} needs the fields {names}; "
+                                        f"send them as a JSON object")
+                value = {served.task.field_map.get(names[0], names[0]): value}
+            try:
+                text = render_input(served.task,
+                                    make_example(served.task, value, with_target=False))
+            except SoftPromptError as exc:
+                raise ApiError(400, str(exc)) from None
+        if not text.strip():
+            raise ApiError(400, "the input is empty; send some text")
+        return text
+
+    def prepare(self, req: protocol.SamplingFields,
+                value: str | dict[str, str]) -> tuple[str | None, list[int], SamplingParams]:
+        """Check a request; return the engine's prompt name, input ids and settings."""
+        if req.model in self.prompts:
+            name: str | None = req.model
+            served: ServedPrompt | None = self.prompts[req.model]
+        elif req.model == self.config.model_name:
+            name, served = None, None
+        else:
+            raise ApiError(404, f"the model {req.model!r} does not exist; GET /v1/models lists "
+                                f"the prompts", code="model_not_found")
+        ids = self.engine.encode(self._input_text(served, value))
+        if not ids:
+            raise ApiError(400, "the input is empty; send some text")
+        cap = self.config.max_new_tokens_limit
+        if req.max_tokens is not None and req.max_tokens > cap:
+            raise ApiError(400, f"max_tokens {req.max_tokens} is over this server's limit {cap}")
+        default = served.task.max_new_tokens if served else self.config.default_max_tokens
+        max_tokens = req.max_tokens or min(default, cap)
+        stops = req.stops()
+        if len(stops) > 4:
+            raise ApiError(400, f"at most 4 stop strings, got {len(stops)}")
+        if served is not None and served.task.stop:
+            stops.append(served.task.stop)
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature or 0.0,
+                                top_p=req.top_p if req.top_p is not None else 1.0,
+                                seed=req.seed or 0, stop=stops)
+        return name, ids, params
+
+    async def run(self, request: Request, req: protocol.SamplingFields,
+                  value: str | dict[str, str], chat: bool, endpoint: str) -> Response:
+        name, ids, params = self.prepare(req, value)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def listener(kind: str, payload: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+
+        try:
+            handle = self.engine.submit(name, ids, params, listener)
+        except SoftPromptError as exc:  # the input does not fit the model's positions
+            raise ApiError(400, str(exc), code="context_length_exceeded") from None
+        reply = protocol.Reply(req.model, chat)
+        label = req.model
+        if req.stream:
+            return StreamingResponse(self._stream(handle, events, reply, label, endpoint),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    handle.cancel()  # the client left: free its batch row
+                    self.metrics.record(label, endpoint, None)
+                    return Response(status_code=204)
+                continue
+            if kind == "done":
+                break
+        completion: Completion = payload
+        self.metrics.record(label, endpoint, completion)
+        if completion.finish_reason == "error":
+            raise ApiError(409, completion.error or "the request failed", code="prompt_removed")
+        return JSONResponse(reply.full(completion.text, _finish(completion),
+                                       completion.prompt_tokens, len(completion.token_ids)))
+
+    async def _stream(self, handle: Handle, events: asyncio.Queue, reply: protocol.Reply,
+                      label: str, endpoint: str):
+        completion: Completion | None = None
+        try:
+            first = True
+            while True:
+                kind, payload = await events.get()
+                if kind == "delta":
+                    yield _sse(reply.chunk(payload, first=first))
+                    first = False
+                    continue
+                completion = payload
+                if completion.finish_reason == "error":
+                    yield _sse(protocol.error_body(completion.error or "the request failed",
+                                                   code="prompt_removed"))
+                else:
+                    if first and reply.chat:
+                        yield _sse(reply.chunk("", first=True))
+                    yield _sse(reply.chunk("", _finish(completion)))
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            if completion is None:
+                handle.cancel()  # the client disconnected mid-stream
+            self.metrics.record(label, endpoint, completion)
+
+
+def _finish(completion: Completion) -> str:
+    return "length" if completion.finish_reason == "length" else "stop"
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error",
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(protocol.error_body(message, kind, code), status_code=status)
+
+
+def _playground() -> str:
+    return resources.files("softprompt.serving").joinpath("playground.html").read_text("utf-8")
+
+
+def create_app(server: Server) -> FastAPI:
+    """The FastAPI application: routes, auth, body limit and error shapes."""
+    app = FastAPI(title="softprompt", version="1",
+                  description="OpenAI-compatible serving of soft prompts over one frozen model.")
+    cfg = server.config
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if cfg.api_key and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
+                return _error(401, "missing or wrong API key; send 'Authorization: Bearer KEY'",
+                              "authentication_error", "invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
+            return _error(413, f"the request body is over {cfg.max_body_bytes} bytes",
+                          code="request_too_large")
+        if request.method in ("POST", "PUT", "PATCH"):
+            body = await request.body()  # chunked bodies carry no content-length
+            if len(body) > cfg.max_body_bytes:
+                return _error(413, f"the request body is over {cfg.max_body_bytes} bytes",
+                              code="request_too_large")
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError):
+        return _error(exc.status, exc.message, exc.kind, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return _error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail),
+                      "not_found_error" if exc.status_code == 404 else "invalid_request_error")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground():
+        return HTMLResponse(_playground())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "prompts": len(server.prompts), **server.engine.stats()}
+
+    @app.get("/metrics")
+    async def metrics():
+        body, content_type = server.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def list_models():
+        names = [cfg.model_name, *sorted(server.prompts)]
+        return {"object": "list", "data": [server.model_card(n) for n in names]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: protocol.CompletionRequest):
+        return await server.run(request, body, body.prompt, chat=False, endpoint="completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: protocol.ChatRequest):
+        users = [m.content for m in body.messages if m.role == "user" and m.content]
+        if not users:
+            raise ApiError(400, "messages: no user message with content; the last user "
+                                "message is the input")
+        return await server.run(request, body, users[-1], chat=True, endpoint="chat")
+
+    @app.post("/v1/prompts", status_code=201)
+    async def load_prompt(body: protocol.PromptLoad):
+        served = server.load(body.name)
+        return server.model_card(served.name)
+
+    @app.delete("/v1/prompts/{name}")
+    async def delete_prompt(name: str):
+        server.unload(name)
+        return {"id": name, "object": "model", "deleted": True}
+
+    return app
+
+
+def serve(prompts_dir: str | Path, *, model: str | None = None, host: str = "127.0.0.1",
+          port: int = 8000, api_key: str | None = None, max_batch_size: int = 32,
+          max_new_tokens_limit: int = 512, prefix_cache_mb: int = 512,
+          device: str = "auto", dtype: str = "auto",
+          loaded: tuple[Any, Any] | None = None) -> None:
+    """Load the model (``device``/``dtype`` as for every command) and every prompt under
+    ``prompts_dir``, then serve until interrupted."""
+    import uvicorn
+
+    from softprompt import models
+
+    # Every argument is checked before the (slow) model load.
+    root = Path(prompts_dir)
+    if not root.is_dir():
+        raise SoftPromptError(f"--prompts {root} is not a directory")
+    for flag, value in (("--max-batch-size", max_batch_size),
+                        ("--prefix-cache-mb", prefix_cache_mb)):
+        if value <= 0:
+            raise SoftPromptError(f"{flag} must be positive, got {value}")
+    if not 0 <= port <= 65535:
+        raise SoftPromptError(f"--port must be in 0..65535, got {port}")
+    name = model or models.DEFAULT_MODEL
+    config = ServerConfig(root, name, api_key, max_new_tokens_limit)
+    torch_device = models.resolve_device(device)
+    torch_dtype = models.resolve_dtype(dtype, torch_device)
+    lm, tokenizer = loaded or models.load_model(name, dtype=torch_dtype, device=torch_device)
+    engine = Engine(lm, tokenizer, max_batch_size=max_batch_size,
+                    prefix_cache_bytes=prefix_cache_mb << 20)
+    server = Server(engine, config)
+    server.load_all()
+    print(f"serving {len(server.prompts)} prompt(s) on http://{host}:{port} "
+          f"(model {name})", file=sys.stderr)
+    engine.start()
+    try:
+        uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+    finally:
+        engine.stop()
