@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks 1 (training throughput, with 2: step / forward) and 3 (evaluation throughput)
-# against PEFT on one NVIDIA GPU, with a GPT-2-small-sized model in bfloat16.
+# Benchmarks 1 (training throughput, with 2: step / forward), 3 (evaluation throughput) and
+# 5 (serving many prompts) against PEFT on one NVIDIA GPU, with a GPT-2-small-sized model in bfloat16.
 #
 #   bash bench/gpu.sh            # from the repository root, on the GPU machine
 #
@@ -74,6 +74,11 @@ COMMON=(--model "$MODEL_DIR" --device "$DEVICE" --dtype bfloat16)
 # 4. Benchmark 3: 64 test inputs of at most 512 tokens, batch 16, 60 new tokens, greedy.
 "$PY" bench/eval_throughput.py "${COMMON[@]}" --examples 64 --batch-size 16 --max-tokens 512 \
   --max-new-tokens 60 --reps 3 --identity-examples 4 --out bench/out/gpu-eval.json
+
+# 5. Benchmark 5: 64 requests over 8 prompts, ours (mixed batching) vs PEFT one adapter at a
+#    time; a failure here does not stop the summary.
+"$PY" bench/serve.py "${COMMON[@]}" --requests 64 --prompts 8 --max-new-tokens 32 --reps 3 \
+  --out bench/out/gpu-serve.json || echo "serving benchmark failed (see above)" >&2
 
 "$PY" - <<'EOF'
 import json

@@ -86,10 +86,19 @@ FIGURES = [
            "as 2, our step with --compile / eager forward with logits"),
     Figure("step_compile_over_forward_base", "2cf",
            "as 2f, our step with --compile / eager base-model forward"),
+    Figure("serve_vs_peft_grouped", "5",
+           "serving 64 requests over 8 prompts, requests/s, ours (mixed-prompt continuous "
+           "batching) / PEFT one adapter at a time", ">= 3", "x"),
+    Figure("serve_vs_unmixed", "5u",
+           "as 5, ours / ours with mixed batching off (one prompt's requests at a time)",
+           unit="x"),
+    Figure("serve_ttft_recomputed_over_cached", "5t",
+           "time to first token of a lone request, prefix recomputed / prefix cached", unit="x"),
 ]
 
 
-def figures_from_run(train: dict, compiled: dict, evals: dict, memory: dict) -> dict[str, float]:
+def figures_from_run(train: dict, compiled: dict, evals: dict, memory: dict,
+                     serve: dict | None = None) -> dict[str, float]:
     """Every ratio of one ``run_all.py`` run, keyed as in ``FIGURES``, from the scripts' JSON."""
     tt, st = train["train_throughput"], train["step_over_forward"]
     out = {"train_vs_peft_shuffled": tt["ratio"],
@@ -118,6 +127,11 @@ def figures_from_run(train: dict, compiled: dict, evals: dict, memory: dict) -> 
                train_compile_vs_peft_grouped=ct["ratio_vs_peft_length_grouped"],
                step_compile_over_forward_logits=cs["ratio"],
                step_compile_over_forward_base=cs["ratio_vs_forward_base"])
+    if serve is not None:
+        out.update(serve_vs_peft_grouped=serve["serve_throughput"]["ratio"],
+                   serve_vs_unmixed=serve["serve_throughput"]["ratio_vs_unmixed"],
+                   serve_ttft_recomputed_over_cached=serve["prefix_ttft"][
+                       "ratio_recomputed_over_cached"])
     return {k: round(v, 4) for k, v in out.items()}
 
 

@@ -1,9 +1,10 @@
-"""Run the four PEFT comparison benchmarks and summarise them: ``python bench/run_all.py``.
+"""Run the five PEFT comparison benchmarks and summarise them: ``python bench/run_all.py``.
 
 Each benchmark runs in its own process (bench/train_throughput.py for 1 and 2,
 bench/eval_throughput.py for 3, bench/memory.py for 4, which starts one more process per
-method), prints its measurements and ratio, and writes bench/out/<name>.json; this script
-then prints every ratio with its goal and PASS/FAIL and writes bench/out/results.json.
+method, bench/serve.py for 5), prints its measurements and ratio, and writes
+bench/out/<name>.json; this script then prints every ratio with its goal and PASS/FAIL and
+writes bench/out/results.json.
 
 A full run (not ``--quick``, not ``--no-record``) then appends its ratios, with the commit,
 command, machine, date and load average, to bench/history.jsonl, and regenerates the headline
@@ -37,6 +38,7 @@ QUICK = {
     "eval_throughput.py": ["--examples", "4", "--batch-size", "2", "--max-new-tokens", "4",
                            "--reps", "1", "--identity-examples", "1"],
     "memory.py": ["--batch-size", "2", "--max-tokens", "64", "--target-tokens", "16"],
+    "serve.py": ["--requests", "8", "--prompts", "4", "--max-new-tokens", "4", "--reps", "1"],
 }
 
 
@@ -87,6 +89,8 @@ def main() -> None:
                                extra("memory.py", ["--compile"] + ([] if args.no_checkpointing
                                                     else ["--checkpointing"])))
 
+    serve, t_serve, c_serve = run("serve.py", out / "serve.json", extra("serve.py"))
+
     figures = {
         "1_training_throughput": (train["train_throughput"], c_train, t_train,
                                   "ours / PEFT plain shuffled DataLoader, target tok/s", ">="),
@@ -96,6 +100,8 @@ def main() -> None:
                               "ours / PEFT examples per second (identical outputs)", ">="),
         "4_step_peak_memory": (memory["memory"], c_mem, t_mem,
                                "ours / PEFT peak RSS increase of one step", "<="),
+        "5_serving_throughput": (serve["serve_throughput"], c_serve, t_serve,
+                                 "ours / PEFT one adapter at a time, requests per second", ">="),
     }
     results = {"command": command, "commit": commit, "quick": args.quick, "machine": machine,
                "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -144,10 +150,19 @@ def main() -> None:
                        f"{ct['ratio_vs_peft_length_grouped']:.2f}x PEFT length-grouped; step / "
                        f"eager forward {cs['ratio']:.2f} with logits, "
                        f"{cs['ratio_vs_forward_base']:.2f} without the head")
+    sv = serve["serve_throughput"]
+    extra_lines.append(f"  serving: ours / ours with mixed batching off "
+                       f"{sv['ratio_vs_unmixed']:.2f}x;"
+                       f" PEFT outputs identical {serve['peft']['identical_to_ours'][0]}/"
+                       f"{serve['peft']['identical_to_ours'][1]} (unpadded "
+                       f"{serve['peft']['identical_unpadded_rows'][0]}/"
+                       f"{serve['peft']['identical_unpadded_rows'][1]}); lone-request TTFT "
+                       f"prefix recomputed / cached "
+                       f"{serve['prefix_ttft']['ratio_recomputed_over_cached']:.2f}x")
     for line in extra_lines:
         common.say(line)
     results["notes"] = [line.strip() for line in extra_lines]
-    results["ratios"] = report.figures_from_run(train, compiled, evals, memory)
+    results["ratios"] = report.figures_from_run(train, compiled, evals, memory, serve)
     common.write_json(out / "results.json", results)
     common.say(f"wrote {out / 'results.json'} ({results['seconds']:.0f}s)")
     if args.quick or args.no_record:
