@@ -302,3 +302,58 @@ def test_empty_prompt_and_the_one_width_check(tiny):
     with pytest.raises(SoftPromptError, match=r"^prompt hidden size 16 does not match the "
                                               r"model's 32; use the --model"):
         prompted_batch(model, torch.zeros(3, 16), ids, torch.ones_like(ids))
+
+
+def test_rows_behind_different_prefixes_share_one_cache_as_if_alone(tiny):
+    """Mixed-prefix layout: two prompts of different lengths right-aligned in one cache, a
+    row with no prefix beside them, then a second batch joined with concat_rows; every next
+    token's logits equal the row run alone behind its own prefix."""
+    from softprompt.inputs import concat_rows, drop_leading_slots, fill_prefixes, left_pad_mask
+
+    model, tok, _ = tiny
+    bos = tok.bos_token_id if adds_bos(tok) else None
+    prompts = [_prompt(model, p=2, seed=1), _prompt(model, p=6, seed=2)]
+    prefixes = [build_prompt_cache(model, p, bos) for p in prompts]
+    ids = [tok(t).input_ids[1 if bos is not None else 0:] for t in TEXTS[:2]]
+
+    def alone(prefix, row_ids):
+        cache = reserved_cache(64, prefix, 1)
+        n = prefix.length
+        x = torch.tensor([row_ids])
+        mask = torch.ones(1, n + len(row_ids), dtype=torch.long)
+        return cached_forward(model, cache, x, mask, torch.arange(n, n + len(row_ids))[None])[0]
+
+    def batch(pair, row_ids):
+        width = max(p.length for p in pair)
+        t = max(len(r) for r in row_ids)
+        cache = reserved_cache(64)
+        fill_prefixes(cache, list(pair), width)
+        x = torch.full((2, t), tok.pad_token_id)
+        mask = torch.zeros(2, width + t, dtype=torch.long)
+        pos = torch.zeros(2, t, dtype=torch.long)
+        for i, (p, r) in enumerate(zip(pair, row_ids)):
+            x[i, t - len(r):] = torch.tensor(r)
+            mask[i, width - p.length:width] = 1
+            mask[i, width + t - len(r):] = 1
+            pos[i, t - len(r):] = torch.arange(p.length, p.length + len(r))
+        logits, cache = cached_forward(model, cache, x, mask, pos)
+        return logits, cache, mask
+
+    first, cache_a, mask_a = batch(prefixes, ids)
+    for i in range(2):
+        torch.testing.assert_close(first[i], alone(prefixes[i], ids[i])[0], atol=1e-5, rtol=1e-4)
+    second, cache_b, mask_b = batch(prefixes[::-1], ids[::-1])
+    width = max(mask_a.shape[1], mask_b.shape[1]) + 3  # extra masked slots change nothing
+    joined = concat_rows(cache_a, cache_b, width, width + 8)
+    mask = torch.cat([left_pad_mask(mask_a, width), left_pad_mask(mask_b, width)], 0)
+    drop_leading_slots(joined, 2)  # slots nobody attends to
+    mask = mask[:, 2:]
+    assert joined.layers[0].keys.shape[2] == mask.shape[1]
+    nxt = torch.cat([first.argmax(-1), second.argmax(-1)])[:, None]  # [4, 1]
+    mask = torch.cat([mask, mask.new_ones(4, 1)], 1)
+    order = [0, 1, 1, 0]
+    pos = torch.tensor([[prefixes[k].length + len(ids[k])] for k in order])
+    step, _ = cached_forward(model, joined, nxt, mask, pos)
+    for row, k in enumerate(order):
+        want = alone(prefixes[k], ids[k] + [int(nxt[row])])
+        torch.testing.assert_close(step[row], want[0], atol=1e-5, rtol=1e-4)

@@ -36,7 +36,16 @@ import torch
 from softprompt.encode import adds_bos, context_limit
 from softprompt.errors import SoftPromptError
 from softprompt.generation import check_inputs
-from softprompt.inputs import PromptCache, build_prompt_cache, cached_forward, reserved_cache
+from softprompt.inputs import (
+    PromptCache,
+    build_prompt_cache,
+    cached_forward,
+    concat_rows,
+    drop_leading_slots,
+    fill_prefixes,
+    left_pad_mask,
+    reserved_cache,
+)
 
 __all__ = ["Engine", "Handle", "Completion", "PrefixCache", "prompt_key", "SamplingParams"]
 
@@ -435,7 +444,7 @@ class Engine:
         remaining = max(h.params.max_new_tokens for h, _ in admitted)
         cache = reserved_cache(width_c + width_t + remaining)
         if width_c:
-            _fill_prefixes(cache, [p for _, p in admitted], width_c, self.model)
+            fill_prefixes(cache, [p for _, p in admitted], width_c)
         mask = mask.to(self.device)
         logits, cache = cached_forward(self.model, cache, ids.to(self.device), mask,
                                        positions.to(self.device))
@@ -555,7 +564,7 @@ class Engine:
         used = self._mask.sum(0) > 0
         lead = int(used.long().argmax()) if bool(used.any()) else 0
         if lead > 0:
-            _slice_cache(self._cache, lead)
+            drop_leading_slots(self._cache, lead)
             self._mask = self._mask[:, lead:]
 
     def _join(self, rows: list[_Row], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -566,8 +575,8 @@ class Engine:
         assert self._mask is not None and self._pending is not None
         width = max(self._mask.shape[1], mask.shape[1])
         remaining = max(r.params.max_new_tokens - len(r.generated) for r in self._rows + rows)
-        self._cache = _concat_caches(self._cache, cache, width, width + remaining + 1)
-        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)], 0)
+        self._cache = concat_rows(self._cache, cache, width, width + remaining + 1)
+        self._mask = torch.cat([left_pad_mask(self._mask, width), left_pad_mask(mask, width)], 0)
         self._pending = torch.cat([self._pending, tokens])
         self._rows = self._rows + rows
 
@@ -578,56 +587,3 @@ class Engine:
         for row in self._rows:
             self._fail(row.handle, message)
         self._rows, self._cache, self._mask, self._pending = [], None, None, None
-
-
-# --- cache surgery -----------------------------------------------------------------------------
-# TODO(merge): these belong in inputs.py, the one module that merges prompts, inputs and caches.
-
-
-def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """``[B, S]`` -> ``[B, width]`` with zeros (masked slots) on the left."""
-    extra = width - mask.shape[1]
-    return torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1) if extra else mask
-
-
-def _fill_prefixes(cache, prefixes: list[PromptCache | None], width: int, model) -> None:
-    """Write each row's prefix right-aligned into ``width`` slots of a reserved cache."""
-    n = len(prefixes)
-    first = next(p for p in prefixes if p is not None)
-    for layer_idx, (k0, v0) in enumerate(first.layers):
-        keys = k0.new_zeros(n, k0.shape[1], width, k0.shape[3])  # [n, kv, C, d]
-        values = v0.new_zeros(n, v0.shape[1], width, v0.shape[3])
-        for i, p in enumerate(prefixes):
-            if p is not None and p.length:
-                k, v = p.layers[layer_idx]
-                keys[i, :, width - p.length:] = k[0]
-                values[i, :, width - p.length:] = v[0]
-        cache.update(keys, values, layer_idx)
-
-
-def _layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def _concat_caches(a, b, width: int, capacity: int):
-    """Rows of ``a`` then rows of ``b``, each left-padded to ``width`` slots."""
-    out = reserved_cache(capacity)
-    for idx, ((ka, va), (kb, vb)) in enumerate(zip(_layer_tensors(a), _layer_tensors(b))):
-        keys = torch.cat([_pad_slots(ka, width), _pad_slots(kb, width)], 0)
-        values = torch.cat([_pad_slots(va, width), _pad_slots(vb, width)], 0)
-        out.update(keys, values, idx)
-    return out
-
-
-def _pad_slots(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``[B, kv, S, d]`` -> ``[B, kv, width, d]``, zeros on the left."""
-    extra = width - t.shape[2]
-    if not extra:
-        return t
-    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3]), t], 2)
-
-
-def _slice_cache(cache, lead: int) -> None:
-    """Drop the first ``lead`` slots of every layer, in place."""
-    for layer in cache.layers:
-        layer._reserve(layer.capacity, layer.keys[:, :, lead:], layer.values[:, :, lead:])

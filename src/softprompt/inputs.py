@@ -4,7 +4,8 @@ Everything that merges a ``[P, H]`` prompt into a batch lives here: embeddings, 
 mask, position ids, labels, the loss on target tokens, and the prompt's key/value cache.
 Transformers' cache API changes touch only this module.
 
-Three layouts, equivalent up to float rounding (tests/test_inputs.py proves it):
+Four layouts, equivalent up to float rounding (tests/test_inputs.py and tests/test_engine.py
+prove it):
 
 * reference layout, per row ``[pad.. | BOS? | P prompt | tokens..]``: the prompt sits
   immediately before the first real token (after BOS where the tokenizer adds one); used by
@@ -16,7 +17,11 @@ Three layouts, equivalent up to float rounding (tests/test_inputs.py proves it):
   than an explicit padding mask);
 * cached layout for generation, ``[BOS? | P prompt]`` (computed once, shared by every row)
   followed by the left-padded tokens ``[pad.. | tokens..]``, in a KV cache reserved up front
-  for every position the batch will reach.
+  for every position the batch will reach;
+* mixed-prefix layout for the serving engine, per row ``[masked | prefix_r | masked |
+  tokens_r..]``: rows behind different prompts share one cache, right-aligned, each row's
+  prefix at positions ``0..C_r-1`` and its tokens from ``C_r`` on (``fill_prefixes``,
+  ``concat_rows``, ``drop_leading_slots``).
 
 Position ids always come from the attention mask (or, with right padding, count from 0), so
 pads never shift positions (GPT-2 has learned absolute positions; RoPE models see the same
@@ -40,7 +45,8 @@ from softprompt.prompt import check_hidden_size
 
 __all__ = ["IGNORE_INDEX", "PromptedBatch", "PromptCache", "empty_prompt", "insert_prompt",
            "prompted_batch", "right_padded_batch", "plain_head", "target_loss", "rows_loss",
-           "full_logits", "build_prompt_cache", "reserved_cache", "cached_forward", "select_rows"]
+           "full_logits", "build_prompt_cache", "reserved_cache", "cached_forward", "select_rows",
+           "left_pad_mask", "fill_prefixes", "concat_rows", "drop_leading_slots"]
 
 
 @dataclass
@@ -372,3 +378,57 @@ def select_rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
 def first_positions(prefix_length: int, attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids ``[B, T]`` of left-padded tokens that follow a cached prefix."""
     return positions_from_mask(attention_mask, offset=prefix_length)
+
+
+# --- one cache for rows with different prefixes (the serving engine's batches) ----------------
+# Rows are right-aligned: each row's slots are [masked | its prefix | its tokens ...], so every
+# row's newest token sits in the last slot and one decoding step appends one slot to all.
+
+
+def left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, S]`` -> ``[B, width]`` with zeros (masked slots) on the left."""
+    extra = width - mask.shape[1]
+    return torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1) if extra else mask
+
+
+def _left_pad_slots(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, kv, S, d]`` -> ``[B, kv, width, d]``, zeros on the left."""
+    extra = width - t.shape[2]
+    if not extra:
+        return t
+    return torch.cat([t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3]), t], 2)
+
+
+def fill_prefixes(cache: DynamicCache, prefixes: list[PromptCache | None], width: int) -> None:
+    """Write row ``i``'s prefix right-aligned into the first ``width`` slots of an empty
+    (reserved) cache: ``[n, kv, width, d]`` per layer, zeros (to be masked) before each
+    prefix; a None prefix leaves its row all zeros."""
+    n = len(prefixes)
+    first = next(p for p in prefixes if p is not None)
+    for layer_idx, (k0, v0) in enumerate(first.layers):
+        keys = k0.new_zeros(n, k0.shape[1], width, k0.shape[3])  # [n, kv, width, d]
+        values = v0.new_zeros(n, v0.shape[1], width, v0.shape[3])
+        for i, p in enumerate(prefixes):
+            if p is not None and p.length:
+                k, v = p.layers[layer_idx]  # [1, kv, C_i, d]
+                keys[i, :, width - p.length:] = k[0]
+                values[i, :, width - p.length:] = v[0]
+        cache.update(keys, values, layer_idx)
+
+
+def concat_rows(a: DynamicCache, b: DynamicCache, width: int, capacity: int) -> DynamicCache:
+    """A reserved cache of ``capacity`` slots holding the rows of ``a`` then those of ``b``,
+    each left-padded (masked slots) to ``width`` slots."""
+    out = reserved_cache(capacity)
+    for idx, (la, lb) in enumerate(zip(a.layers, b.layers)):
+        keys = torch.cat([_left_pad_slots(la.keys, width), _left_pad_slots(lb.keys, width)], 0)
+        values = torch.cat([_left_pad_slots(la.values, width),
+                            _left_pad_slots(lb.values, width)], 0)
+        out.update(keys, values, idx)
+    return out
+
+
+def drop_leading_slots(cache: DynamicCache, lead: int) -> None:
+    """Drop the first ``lead`` slots of every layer of a reserved cache, in place."""
+    for layer in cache.layers:
+        layer._reserve(layer.capacity, layer.keys[:, :, lead:], layer.values[:, :, lead:])
