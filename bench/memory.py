@@ -91,9 +91,10 @@ def child(method: str, args) -> dict:
     prompt = common.our_prompt(model, tokenizer, task).embeddings.detach()
     if method.startswith("ours"):
         if method == "ours_checkpointing":
-            from softprompt.training import _enable_checkpointing
+            from softprompt.training import layer_modes
 
-            _enable_checkpointing(model)
+            # Left on: this child process measures one step and exits.
+            layer_modes(model, checkpointing=True).__enter__()
         runner = Ours(model, tokenizer, prompt, "cpu", compiled=method == "ours_compile")
         step = lambda: runner.step(rows)  # noqa: E731
     else:

@@ -86,13 +86,11 @@ def compiled_layers(model) -> list:
     the layers are left eager."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from softprompt.training import _compile_layers
+    from softprompt.training import layer_modes
 
-    _compile_layers(model, on=True)
-    pairs = [(m, m._compiled_call_impl) for m in model.modules()
-             if isinstance(m, GradientCheckpointingLayer)]
-    _compile_layers(model, on=False)
-    return pairs
+    with layer_modes(model, compile=True):
+        return [(m, m._compiled_call_impl) for m in model.modules()
+                if isinstance(m, GradientCheckpointingLayer)]
 
 
 def right_pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

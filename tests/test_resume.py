@@ -75,6 +75,70 @@ def test_sigkill_then_resume_is_bit_identical(reference, tiny_dirs, tmp_path, cr
             == [{k: v for k, v in r.items() if k not in drop} for r in ref_log])
 
 
+def _as_format_1(path: Path) -> None:
+    """Rewrite a checkpoint's state.json as the first trainer wrote it: no version or global
+    batch, and the epoch's running loss inside ``best``."""
+    meta = json.loads((path / checkpoint.STATE_FILE).read_text(encoding="utf-8"))
+    state = meta["state"]
+    stats = state.pop("epoch_stats")
+    state["best"].update(epoch_loss=stats["loss_sum"], epoch_tokens=stats["target_tokens"])
+    del state["version"], state["global_batch"]
+    (path / checkpoint.STATE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def test_checkpoint_in_format_1_resumes_bit_identical(reference, tiny_dirs, tmp_path):
+    train, val, ref_out = reference
+    out = tmp_path / "run"
+    killed = _train(tiny_dirs["llama"], train, val, out, crash="step:9")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    newest = checkpoint.list_checkpoints(out)[-1][1]
+    assert newest.name == "checkpoint-8"  # in the middle of epoch 2: its running loss counts
+    _as_format_1(newest)
+    resumed = _train(tiny_dirs["llama"], train, val, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {newest} (epoch 2, step 8)" in resumed.stderr
+    assert torch.equal(_prompt(out), _prompt(ref_out))
+    drop = ("seconds", "tokens_per_s")
+    ref_log = [json.loads(x) for x in (ref_out / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert ([{k: v for k, v in r.items() if k not in drop} for r in log]
+            == [{k: v for k, v in r.items() if k not in drop} for r in ref_log])
+
+
+def test_resume_with_another_global_batch_is_refused(tiny_dirs, tmp_path):
+    """The data order depends on the global batch: a changed one must not silently resume."""
+    import re
+
+    from softprompt.config import PromptConfig, TrainConfig
+    from softprompt.data import read_records
+    from softprompt.models import load_model
+    from softprompt.tasks import get_task
+    from softprompt.training import train
+
+    model, tok = load_model(str(tiny_dirs["gpt2"]))
+    records, task = read_records(SAMPLE / "train.jsonl", limit=8), get_task("translation")
+    out = tmp_path / "out"
+
+    def run(batch_size: int, accumulation: int, resume: bool):
+        return train(model, tok, task, records, out, progress=False, resume=resume,
+                     prompt_config=PromptConfig(num_virtual_tokens=4, init="random"),
+                     train_config=TrainConfig(epochs=2, batch_size=batch_size, warmup_steps=0,
+                                              gradient_accumulation_steps=accumulation))
+
+    first = run(4, 1, resume=False)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    message = ("checkpoint-4 was written with global batch 4 (--batch-size 4 x 1 process x "
+               "--gradient-accumulation-steps 1), this run has 8 (--batch-size 4 x 1 process x "
+               "--gradient-accumulation-steps 2); resume with the same --batch-size x processes "
+               "x --gradient-accumulation-steps")
+    with pytest.raises(SoftPromptError, match=re.escape(message)):
+        run(4, 2, resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    # The same global batch split another way is the same run: nothing left to train.
+    again = run(2, 2, resume=True)
+    assert torch.equal(again.prompt, first.prompt) and again.log == first.log
+
+
 def test_checkpoints_pruned_and_best_kept(reference):
     _, _, out = reference
     steps = [s for s, _ in checkpoint.list_checkpoints(out)]

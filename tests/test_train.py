@@ -14,7 +14,7 @@ from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
 from softprompt.data import read_records
 from softprompt.encode import encode_dataset, encode_example
 from softprompt.errors import SoftPromptError
-from softprompt.generation import generate
+from softprompt.generation import cut_at_stop, generate, generate_reference
 from softprompt.inputs import plain_head
 from softprompt.prompt import CONFIG_FILE, PROMPT_FILE, init_prompt, load_prompt_tensor
 from softprompt.tasks import Task, get_task, make_example, render_input
@@ -172,6 +172,21 @@ def test_compiled_layers_give_the_same_prompt_and_are_undone(tiny, records, tmp_
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
+def test_layer_modes_are_undone_when_training_fails(tiny):
+    from softprompt.models import decoder_layers
+    from softprompt.training import layer_modes
+
+    model, _, _ = tiny
+    layers = decoder_layers(model)
+    with pytest.raises(RuntimeError, match="stopped"):
+        with layer_modes(model, checkpointing=True, compile=True):
+            assert model.is_activation_checkpointing and all(m.training for m in layers)
+            assert all(m._compiled_call_impl is not None for m in layers)
+            raise RuntimeError("stopped")
+    assert not model.is_activation_checkpointing and not any(m.training for m in layers)
+    assert all(m._compiled_call_impl is None for m in layers) and not model.training
+
+
 def test_compile_refuses_checkpointing_and_sharding():
     for other in ("gradient_checkpointing", "shard_model"):
         with pytest.raises(SoftPromptError, match="cannot be combined"):
@@ -245,7 +260,11 @@ def test_saved_prompt_generates_exactly_like_the_in_memory_one(tiny, records, tm
     in_memory = generate(model, tok, texts, result.prompt, cfg, stop=TRANSLATION.stop)
     assert pm.generate(sources, max_new_tokens=8) == in_memory
     assert pm.generate([dict(r) for r in records[8:12]], max_new_tokens=8) == in_memory
-    assert all(isinstance(s, str) for s in in_memory)
+    # And both are what greedy decoding without any cache gives, cut at the task's stop string.
+    reference = [cut_at_stop(tok.decode(generate_reference(model, tok, text, result.prompt, 8),
+                                        skip_special_tokens=True), TRANSLATION.stop)[0]
+                 for text in texts]
+    assert in_memory == reference and all(in_memory)
 
 
 def test_early_stopping_saves_the_best_prompt(tiny, records, tmp_path):
