@@ -32,6 +32,16 @@ def _responsive(model) -> None:
                 p.mul_(10)
 
 
+def _engine(model, tok, **options) -> tuple[Engine, dict[str, torch.Tensor]]:
+    """A responsive tiny model's engine with the three prompts registered."""
+    _responsive(model)
+    prompts = _prompts(model)
+    engine = Engine(model, tok, **options)
+    for name, tensor in prompts.items():
+        engine.add_prompt(name, tensor)
+    return engine, prompts
+
+
 def _alone(model, tok, text, prompt, max_new_tokens, stop=None) -> str:
     return generate(model, tok, [text], prompt, GenerationConfig(max_new_tokens=max_new_tokens),
                     stop=stop)[0]
@@ -39,11 +49,7 @@ def _alone(model, tok, text, prompt, max_new_tokens, stop=None) -> str:
 
 def test_mixed_prompts_in_one_batch_equal_each_request_alone(tiny):
     model, tok, _ = tiny
-    _responsive(model)
-    prompts = _prompts(model)
-    engine = Engine(model, tok, max_batch_size=32)
-    for name, tensor in prompts.items():
-        engine.add_prompt(name, tensor)
+    engine, prompts = _engine(model, tok, max_batch_size=32)
     names = [None, "p3", "p5", "p8"]
     jobs = [(TEXTS[i % len(TEXTS)], names[i % len(names)]) for i in range(12)]
     outs = engine.generate([t for t, _ in jobs], [n for _, n in jobs],
@@ -59,11 +65,7 @@ def test_mixed_prompts_in_one_batch_equal_each_request_alone(tiny):
 
 def test_requests_joining_a_running_batch_decode_as_if_alone(tiny):
     model, tok, _ = tiny
-    _responsive(model)
-    prompts = _prompts(model)
-    engine = Engine(model, tok)
-    for name, tensor in prompts.items():
-        engine.add_prompt(name, tensor)
+    engine, prompts = _engine(model, tok)
     first = [engine.submit("p8", TEXTS[1], SamplingParams(max_new_tokens=12)),
              engine.submit("p3", TEXTS[2], SamplingParams(max_new_tokens=4))]
     for _ in range(3):
@@ -111,11 +113,7 @@ def test_stop_strings_and_streamed_deltas_add_up_to_the_output(tiny):
 
 def test_cancelled_request_leaves_the_batch_and_others_are_unchanged(tiny):
     model, tok, _ = tiny
-    _responsive(model)
-    prompts = _prompts(model)
-    engine = Engine(model, tok)
-    for name, tensor in prompts.items():
-        engine.add_prompt(name, tensor)
+    engine, prompts = _engine(model, tok)
     keep = engine.submit("p3", TEXTS[5], SamplingParams(max_new_tokens=10))
     drop = engine.submit("p8", TEXTS[1], SamplingParams(max_new_tokens=10))
     engine.step()
@@ -178,11 +176,7 @@ def test_bad_prompts_and_requests_are_refused_in_one_line(tiny):
 
 def test_background_thread_serves_concurrent_submitters(tiny):
     model, tok, _ = tiny
-    _responsive(model)
-    prompts = _prompts(model)
-    engine = Engine(model, tok, max_batch_size=4)
-    for name, tensor in prompts.items():
-        engine.add_prompt(name, tensor)
+    engine, prompts = _engine(model, tok, max_batch_size=4)
     engine.start()
     try:
         names = ["p3", "p5", "p8", None]
