@@ -29,6 +29,7 @@ Usage: python bench/memory.py            (parent: runs the children, prints the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -89,12 +90,14 @@ def child(method: str, args) -> dict:
     model, tokenizer, task = common.load(args.model)
     rows = fixed_batch(tokenizer, task, args.batch_size, args.max_tokens, args.target_tokens)
     prompt = common.our_prompt(model, tokenizer, task).embeddings.detach()
+    modes = contextlib.ExitStack()  # held open until this child returns
     if method.startswith("ours"):
         if method == "ours_checkpointing":
             from softprompt.training import layer_modes
 
-            # Left on: this child process measures one step and exits.
-            layer_modes(model, checkpointing=True).__enter__()
+            # A context manager entered and dropped is closed by the garbage collector at once
+            # (its generator exits): keep it open in ``modes`` for the measured step.
+            modes.enter_context(layer_modes(model, checkpointing=True))
         runner = Ours(model, tokenizer, prompt, "cpu", compiled=method == "ours_compile")
         step = lambda: runner.step(rows)  # noqa: E731
     else:
@@ -127,6 +130,7 @@ def child(method: str, args) -> dict:
     sampler.stop.set()
     sampler.join()
     hwm = _status_kib("VmHWM") * 1024 if hwm_reset else None
+    modes.close()
     peak = hwm if hwm is not None else sampler.peak
     return {"method": method, "baseline_rss_mib": baseline / MiB,
             "peak_rss_mib": peak / MiB, "step_peak_increase_mib": (peak - baseline) / MiB,
