@@ -127,19 +127,22 @@ def test_gradient_accumulation_gives_the_same_prompt(tiny, records, tmp_path):
 def test_gradient_checkpointing_gives_the_same_prompt(tiny, records, tmp_path):
     model, tok, _ = tiny
     _responsive(model)
-    plain_head(model)  # the once-per-model logits probe runs its forwards before the count
     attention = next(m for m in model.modules() if type(m).__name__.endswith("Attention"))
     calls = []
     attention.register_forward_hook(lambda *_: calls.append(1))
     runs, counts = [], []
-    for checkpointing in (False, True):
+    # Checkpointing first, on a fresh model: the once-per-model logits probe (plain_head, two
+    # forwards) runs inside the trainer's layer modes and must not switch checkpointing off.
+    for checkpointing in (True, False):
         calls.clear()
         runs.append(train(model, tok, TRANSLATION, records[:8], tmp_path / str(checkpointing),
                           prompt_config=_pcfg(), progress=False,
                           train_config=_cfg(epochs=1, gradient_checkpointing=checkpointing)))
         counts.append(len(calls))
-    # Checkpointing really ran: every layer's forward was recomputed in the backward pass.
-    assert counts == [2, 4]
+    # 2 steps: with checkpointing every layer's forward is recomputed in the backward pass
+    # (2 x 2 calls, after the probe's 2); without, 2 calls.
+    assert counts == [2 + 4, 2]
+    assert plain_head(model)
     torch.testing.assert_close(runs[1].prompt, runs[0].prompt, atol=1e-6, rtol=0)
     for a, b in zip(_steps(runs[0].log), _steps(runs[1].log)):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)

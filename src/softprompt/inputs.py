@@ -171,13 +171,16 @@ def _probe_plain_head(model: PreTrainedModel) -> bool:
         return False
     ids = torch.arange(8, device=table.weight.device).remainder(table.num_embeddings)[None]
     embeds = table(ids)  # [1, 8, H]
-    was_training = model.training
-    model.eval()  # dropout would make two forwards differ
+    # Dropout would make the two forwards differ: eval mode, then every module's own flag back
+    # (the trainer sets ``training`` on decoder layers alone for gradient checkpointing).
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
     try:
         projected = head(model.base_model(inputs_embeds=embeds, use_cache=False)[0])  # [1, 8, V]
         logits = model(inputs_embeds=embeds, use_cache=False).logits  # [1, 8, V]
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return projected.shape == logits.shape and torch.allclose(
         projected.float(), logits.float(), rtol=1e-4, atol=1e-5)
 
