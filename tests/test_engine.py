@@ -277,3 +277,22 @@ def test_prompt_pool_mixes_tasks_and_matches_each_prompt_alone(tiny, tmp_path):
     assert input_example(tasks["qa"], qa_record).fields["question"] == "Where is the cat?"
     with pytest.raises(SoftPromptError, match=r"unknown prompt\(s\) \['fr'\]"):
         pool.generate(["x"], ["fr"])
+
+
+def test_finished_rows_leave_the_cache_together_once_a_quarter_is_done(tiny):
+    """Leaving copies every layer's cache, so finished rows stay (ignored) until a quarter of
+    the batch is done; outputs are unaffected."""
+    model, tok, _ = tiny
+    engine, prompts = _engine(model, tok)
+    names = ["p3", "p5", "p8", "p3", "p5", "p8", "p3", "p5"]
+    handles = [engine.submit(names[i], TEXTS[i % 6], SamplingParams(max_new_tokens=i + 1))
+               for i in range(8)]
+    engine.step()  # prefill: the first token of every row; the 1-token request is done
+    assert (len(engine._rows), engine.stats()["running"]) == (8, 7)
+    engine.step()  # the 2-token request is done too: 2 of 8, so both leave
+    assert (len(engine._rows), engine.stats()["running"]) == (6, 6)
+    engine.run_until_idle()
+    assert engine._cache is None and engine._rows == []
+    for i, h in enumerate(handles):
+        assert h.result(timeout=0).text == _alone(model, tok, TEXTS[i % 6], prompts[names[i]],
+                                                  i + 1)

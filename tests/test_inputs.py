@@ -344,7 +344,7 @@ def test_rows_behind_different_prefixes_share_one_cache_as_if_alone(tiny):
         torch.testing.assert_close(first[i], alone(prefixes[i], ids[i])[0], atol=1e-5, rtol=1e-4)
     second, cache_b, mask_b = batch(prefixes[::-1], ids[::-1])
     width = max(mask_a.shape[1], mask_b.shape[1]) + 3  # extra masked slots change nothing
-    joined = concat_rows(cache_a, cache_b, width, width + 8)
+    joined = concat_rows([cache_a, cache_b], width, width + 8)
     mask = torch.cat([left_pad_mask(mask_a, width), left_pad_mask(mask_b, width)], 0)
     drop_leading_slots(joined, 2)  # slots nobody attends to
     mask = mask[:, 2:]

@@ -210,6 +210,7 @@ class _Row:
         if self.params.temperature > 0:
             self.gen = torch.Generator().manual_seed(self.params.seed)
         self.reason: str | None = None
+        self.finished = False  # completed; its slot leaves the batch at the next compaction
 
 
 class Engine:
@@ -336,15 +337,18 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self._rows or self._waiting)
+        return bool(self._live() or self._waiting)
 
     def stats(self) -> dict[str, int]:
-        return {"running": len(self._rows), "waiting": len(self._waiting),
+        return {"running": self._live(), "waiting": len(self._waiting),
                 "prefix_hits": self.prefixes.hits, "prefix_misses": self.prefixes.misses,
                 "prefix_evictions": self.prefixes.evictions, "prefix_bytes": self.prefixes.bytes,
                 "prefixes_cached": len(self.prefixes)}
 
     # --- the loop ------------------------------------------------------------------------------
+
+    def _live(self) -> int:
+        return sum(not r.finished for r in self._rows)
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> None:
         for _ in range(max_steps):
@@ -384,7 +388,8 @@ class Engine:
 
         Returns False when there was nothing to do.
         """
-        self._drop_rows([i for i, r in enumerate(self._rows) if r.handle.cancelled],
+        self._drop_rows([i for i, r in enumerate(self._rows)
+                         if r.handle.cancelled and not r.finished],
                         "cancelled")
         worked = False
         if self._rows:
@@ -399,12 +404,13 @@ class Engine:
         return worked
 
     def _admit(self) -> list[tuple[Handle, PromptCache | None]]:
-        room = self.max_batch_size - len(self._rows)
+        room = self.max_batch_size - self._live()
         with self._lock:
             if self.mixed:
                 taken, self._waiting = self._waiting[:room], self._waiting[room:]
             else:  # only the running prompt's requests (or the oldest waiting one's)
-                current = self._rows[0].handle.prompt if self._rows else (
+                live = [r for r in self._rows if not r.finished]
+                current = live[0].handle.prompt if live else (
                     self._waiting[0].prompt if self._waiting else None)
                 same = [h for h in self._waiting if h.prompt == current][:room]
                 taken = same
@@ -423,11 +429,26 @@ class Engine:
     def _prefill(self, admitted: list[tuple[Handle, PromptCache | None]]) -> None:
         """Prefill newcomers, each behind its own prefix, then join them to the batch.
 
-        Newcomer ``i`` (prefix ``C_i``, input ``T_i``) becomes the row
-        ``[masked | prefix_i | masked | input_i]`` of width ``max C + max T``.
+        Newcomers are sorted by input length and prefilled in groups whose padding stays under
+        a quarter of their tokens (a short input padded to a long one costs as much as the
+        long one); the groups then join the running batch together.
+        """
+        now = time.perf_counter()
+        for handle, _ in admitted:
+            handle.started = now
+        admitted = sorted(admitted, key=lambda a: len(a[0].input_ids))
+        parts = [self._prefill_group(group) for group in _length_groups(admitted)]
+        self._join([p for part in parts for p in part[0]], [part[1] for part in parts],
+                   [part[2] for part in parts], torch.cat([part[3] for part in parts]))
+        self._after_sampling(torch.cat([part[3] for part in parts]))
+
+    def _prefill_group(self, admitted: list[tuple[Handle, PromptCache | None]]):
+        """One forward for newcomers: newcomer ``i`` (prefix ``C_i``, input ``T_i``) becomes
+        the row ``[masked | prefix_i | masked | input_i]`` of width ``max C + max T``.
+
+        Returns ``(rows, cache, mask [n, width], first tokens [n])``.
         """
         n = len(admitted)
-        now = time.perf_counter()
         lengths = [0 if p is None else p.length for _, p in admitted]
         width_c = max(lengths)
         width_t = max(len(h.input_ids) for h, _ in admitted)
@@ -435,7 +456,6 @@ class Engine:
         mask = torch.zeros((n, width_c + width_t), dtype=torch.long)
         positions = torch.zeros((n, width_t), dtype=torch.long)
         for i, (handle, _) in enumerate(admitted):
-            handle.started = now
             t, c = len(handle.input_ids), lengths[i]
             ids[i, width_t - t:] = torch.tensor(handle.input_ids)
             mask[i, width_c - c:width_c] = 1
@@ -449,9 +469,7 @@ class Engine:
         logits, cache = cached_forward(self.model, cache, ids.to(self.device), mask,
                                        positions.to(self.device))
         rows = [_Row(h, c, self.device) for (h, _), c in zip(admitted, lengths)]
-        tokens = self._sample(rows, logits)
-        self._join(rows, cache, mask, tokens)
-        self._after_sampling(tokens)
+        return rows, cache, mask, self._sample(rows, logits)
 
     def _decode(self) -> None:
         """Feed every row's pending token; sample the next one."""
@@ -494,6 +512,8 @@ class Engine:
         for j, tok in enumerate(tokens.tolist()):
             i = offset + j
             row = self._rows[i]
+            if row.finished:  # still in the batch until it compacts; its token is ignored
+                continue
             if row.handle.first_token is None:
                 row.handle.first_token = now
             if tok == self.eos:
@@ -530,23 +550,31 @@ class Engine:
         return body[:min(found)].strip() if found else body.strip()
 
     def _drop_rows(self, indices: list[int], reason: str | None) -> None:
-        """Finish rows ``indices`` and take them out of the batch."""
-        if not indices:
-            return
+        """Finish rows ``indices``: their handles get the completion at once; the rows leave
+        the batch's cache when compacting pays (:meth:`_compact`)."""
         for i in indices:
             row = self._rows[i]
+            row.finished = True
+            row.reason = reason or row.reason or "stop"
             h = row.handle
             text = self._final_text(row)
             if len(text) > len(row.sent) and text.startswith(row.sent):
                 h._delta(text[len(row.sent):])
-            h._finish(Completion(text, list(row.generated), reason or row.reason or "stop",
-                                 len(h.input_ids),
+            h._finish(Completion(text, list(row.generated), row.reason, len(h.input_ids),
                                  queue_seconds=(h.started or h.submitted) - h.submitted,
                                  first_token_seconds=(h.first_token or h.submitted)
                                  - h.submitted,
                                  seconds=time.perf_counter() - h.submitted))
-        gone = set(indices)
-        keep = [i for i in range(len(self._rows)) if i not in gone]
+        finished = sum(r.finished for r in self._rows)
+        # A finished row still costs its share of each step until it leaves; leaving copies
+        # every layer's cache (measured: about 30 row-steps of the bundled model's decoding),
+        # so rows leave together, once a quarter of the batch is done.
+        if finished and (finished == len(self._rows) or 4 * finished >= len(self._rows)):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Take finished rows out of the batch and its cache."""
+        keep = [i for i, r in enumerate(self._rows) if not r.finished]
         self._rows = [self._rows[i] for i in keep]
         if not keep:
             self._cache = self._mask = self._pending = None
@@ -567,23 +595,47 @@ class Engine:
             drop_leading_slots(self._cache, lead)
             self._mask = self._mask[:, lead:]
 
-    def _join(self, rows: list[_Row], cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Append prefilled newcomers to the running batch (caches right-aligned)."""
-        if not self._rows:
-            self._rows, self._cache, self._mask, self._pending = rows, cache, mask, tokens
-            return
-        assert self._mask is not None and self._pending is not None
-        width = max(self._mask.shape[1], mask.shape[1])
-        remaining = max(r.params.max_new_tokens - len(r.generated) for r in self._rows + rows)
-        self._cache = concat_rows(self._cache, cache, width, width + remaining + 1)
-        self._mask = torch.cat([left_pad_mask(self._mask, width), left_pad_mask(mask, width)], 0)
-        self._pending = torch.cat([self._pending, tokens])
-        self._rows = self._rows + rows
+    def _join(self, rows: list[_Row], caches: list, masks: list[torch.Tensor],
+              tokens: torch.Tensor) -> None:
+        """Append prefilled newcomers to the running batch: every cache right-aligned in one."""
+        if any(r.finished for r in self._rows):
+            self._compact()  # the join copies every cache anyway
+        if self._rows:
+            assert self._mask is not None and self._pending is not None
+            caches, masks = [self._cache, *caches], [self._mask, *masks]
+            tokens = torch.cat([self._pending, tokens])
+            rows = self._rows + rows
+        if len(caches) == 1:
+            self._cache, self._mask = caches[0], masks[0]
+        else:
+            width = max(m.shape[1] for m in masks)
+            remaining = max(r.params.max_new_tokens - len(r.generated) for r in rows)
+            self._cache = concat_rows(caches, width, width + remaining + 1)
+            self._mask = torch.cat([left_pad_mask(m, width) for m in masks], 0)
+        self._rows, self._pending = rows, tokens
 
     def _fail(self, handle: Handle, message: str) -> None:
         handle._finish(Completion("", [], "error", len(handle.input_ids), error=message))
 
     def _fail_all(self, message: str) -> None:
         for row in self._rows:
-            self._fail(row.handle, message)
+            if not row.finished:
+                self._fail(row.handle, message)
         self._rows, self._cache, self._mask, self._pending = [], None, None, None
+
+
+def _length_groups(admitted: list[tuple[Handle, PromptCache | None]],
+                   slack: float = 1.25) -> list[list[tuple[Handle, PromptCache | None]]]:
+    """Split newcomers sorted by input length so that each group, padded to its longest
+    input, computes at most ``slack`` times its real tokens."""
+    groups: list[list[tuple[Handle, PromptCache | None]]] = []
+    real = 0
+    for item in admitted:
+        t = len(item[0].input_ids)
+        if groups and (len(groups[-1]) + 1) * t <= slack * (real + t):
+            groups[-1].append(item)
+            real += t
+        else:
+            groups.append([item])
+            real = t
+    return groups

@@ -419,14 +419,13 @@ def fill_prefixes(cache: DynamicCache, prefixes: list[PromptCache | None], width
         cache.update(keys, values, layer_idx)
 
 
-def concat_rows(a: DynamicCache, b: DynamicCache, width: int, capacity: int) -> DynamicCache:
-    """A reserved cache of ``capacity`` slots holding the rows of ``a`` then those of ``b``,
-    each left-padded (masked slots) to ``width`` slots."""
+def concat_rows(caches: list[DynamicCache], width: int, capacity: int) -> DynamicCache:
+    """A reserved cache of ``capacity`` slots holding the rows of each cache in turn, each
+    left-padded (masked slots) to ``width`` slots."""
     out = reserved_cache(capacity)
-    for idx, (la, lb) in enumerate(zip(a.layers, b.layers)):
-        keys = torch.cat([_left_pad_slots(la.keys, width), _left_pad_slots(lb.keys, width)], 0)
-        values = torch.cat([_left_pad_slots(la.values, width),
-                            _left_pad_slots(lb.values, width)], 0)
+    for idx, layers in enumerate(zip(*(c.layers for c in caches))):
+        keys = torch.cat([_left_pad_slots(layer.keys, width) for layer in layers], 0)
+        values = torch.cat([_left_pad_slots(layer.values, width) for layer in layers], 0)
         out.update(keys, values, idx)
     return out
 
