@@ -248,16 +248,22 @@ def _full_logits_loss(model, merged) -> torch.Tensor:
                                              merged.labels[:, 1:].reshape(-1), reduction="sum")
 
 
-def test_post_processed_logits_take_the_full_logits_path(tiny_dirs):
-    from softprompt.models import load_model
-
-    _, tok = load_model(str(tiny_dirs["gpt2"]))
-    model = _scaled_gpt2(tiny_dirs["gpt2"])
+def _assert_takes_full_logits(model, tok) -> None:
+    """The target loss of a model whose logits are post-processed equals the full-logits loss,
+    and the probe said so."""
     batch = collate(_loss_rows(tok), tok.pad_token_id, side="right")
     merged = right_padded_batch(model, _prompt(model), batch["input_ids"], batch["labels"])
     loss_sum, _ = target_loss(model, merged)
     torch.testing.assert_close(loss_sum, _full_logits_loss(model, merged), atol=1e-4, rtol=1e-5)
     assert not plain_head(model)
+
+
+def test_post_processed_logits_take_the_full_logits_path(tiny_dirs):
+    from softprompt.models import load_model
+
+    _, tok = load_model(str(tiny_dirs["gpt2"]))
+    model = _scaled_gpt2(tiny_dirs["gpt2"])
+    _assert_takes_full_logits(model, tok)
 
 
 def test_soft_capped_gemma2_takes_the_full_logits_path(tiny_dirs):
@@ -271,11 +277,7 @@ def test_soft_capped_gemma2_takes_the_full_logits_path(tiny_dirs):
                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                        head_dim=16, final_logit_softcapping=0.5, pad_token_id=0)
     model = Gemma2ForCausalLM(cfg).eval()
-    batch = collate(_loss_rows(tok), tok.pad_token_id, side="right")
-    merged = right_padded_batch(model, _prompt(model), batch["input_ids"], batch["labels"])
-    loss_sum, _ = target_loss(model, merged)
-    torch.testing.assert_close(loss_sum, _full_logits_loss(model, merged), atol=1e-4, rtol=1e-5)
-    assert not plain_head(model)
+    _assert_takes_full_logits(model, tok)
 
 
 def test_plain_heads_take_the_target_only_path(tiny):
