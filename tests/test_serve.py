@@ -409,3 +409,30 @@ def test_readme_openai_client_block_runs_against_the_server(served):
     tokens = int(re.search(r"max_tokens=(\d+)", block).group(1))
     assert out.getvalue().strip() == expected_output(model, tok, tensor, task,
                                                      {"source": source}, tokens)
+
+
+def test_chat_with_the_base_model_uses_its_chat_template(served):
+    """The base model of a tokenizer with a chat template gets the whole conversation in it;
+    a soft prompt still takes the last user message through its task template."""
+    server, prompts, model, tok = served
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>"
+                         "{% endfor %}{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Rain."}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False).input_ids
+    want = generate(model, tok, [ids], None, GenerationConfig(max_new_tokens=6))[0]
+    with running(server) as url, httpx.Client(base_url=url, timeout=30) as http:
+        res = http.post("/v1/chat/completions", json={"model": BASE, "messages": messages,
+                                                      "max_tokens": 6})
+        soft = http.post("/v1/chat/completions", json={"model": "de3", "messages": messages,
+                                                       "max_tokens": 6})
+    body = res.json()
+    assert body["choices"][0]["message"]["content"] == want
+    from softprompt.encode import adds_bos
+
+    in_prefix = adds_bos(tok) and ids[0] == tok.bos_token_id  # BOS lives in the cached prefix
+    assert body["usage"]["prompt_tokens"] == len(ids) - in_prefix
+    tensor, task = prompts["de3"]
+    assert soft.json()["choices"][0]["message"]["content"] == expected_output(
+        model, tok, tensor, task, {"source": "Rain."}, 6)

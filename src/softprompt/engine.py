@@ -297,9 +297,12 @@ class Engine:
 
     # --- requests ------------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of an input text, BOS removed (it lives in the prefix)."""
-        ids = self.tokenizer(text).input_ids
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        """Token ids of an input text, BOS removed (it lives in the prefix).
+
+        ``special_tokens=False`` for text that carries its own (a chat template's output).
+        """
+        ids = self.tokenizer(text, add_special_tokens=special_tokens).input_ids
         if self.bos is not None and ids and ids[0] == self.bos:
             ids = ids[1:]
         return ids

@@ -112,6 +112,24 @@ class Server:
 
     # --- requests ------------------------------------------------------------------------------
 
+    def chat_text(self, req: protocol.ChatRequest) -> str | None:
+        """For the base model, when its tokenizer has a chat template: the whole conversation
+        in that template, ready for the assistant's turn. None otherwise (a soft prompt takes
+        the last user message through its task template)."""
+        tokenizer = self.engine.tokenizer
+        if req.model != self.config.model_name or not getattr(tokenizer, "chat_template", None):
+            return None
+        roles = {"developer": "system", "system": "system", "user": "user",
+                 "assistant": "assistant"}
+        messages = [{"role": roles[m.role], "content": m.content} for m in req.messages
+                    if m.role in roles and m.content]
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as exc:  # the template's own checks (e.g. role order), as jinja raises
+            raise ApiError(400, f"messages: the model's chat template refused them "
+                                f"({' '.join(str(exc).split())[:200]})") from None
+
     def _input_text(self, served: ServedPrompt | None, value: str | dict[str, str]) -> str:
         """The request's input rendered with the prompt's task template."""
         if isinstance(value, str) and value.strip().startswith("{"):
@@ -141,9 +159,12 @@ class Server:
             raise ApiError(400, "the input is empty; send some text")
         return text
 
-    def prepare(self, req: protocol.SamplingFields,
-                value: str | dict[str, str]) -> tuple[str | None, list[int], SamplingParams]:
-        """Check a request; return the engine's prompt name, input ids and settings."""
+    def prepare(self, req: protocol.SamplingFields, value: str | dict[str, str],
+                templated: bool = False) -> tuple[str | None, list[int], SamplingParams]:
+        """Check a request; return the engine's prompt name, input ids and settings.
+
+        ``templated``: ``value`` is the base model's chat template already applied.
+        """
         if req.model in self.prompts:
             name: str | None = req.model
             served: ServedPrompt | None = self.prompts[req.model]
@@ -152,7 +173,10 @@ class Server:
         else:
             raise ApiError(404, f"the model {req.model!r} does not exist; GET /v1/models lists "
                                 f"the prompts", code="model_not_found")
-        ids = self.engine.encode(self._input_text(served, value))
+        if templated and served is None:
+            ids = self.engine.encode(value, special_tokens=False)
+        else:
+            ids = self.engine.encode(self._input_text(served, value))
         if not ids:
             raise ApiError(400, "the input is empty; send some text")
         cap = self.config.max_new_tokens_limit
@@ -171,8 +195,9 @@ class Server:
         return name, ids, params
 
     async def run(self, request: Request, req: protocol.SamplingFields,
-                  value: str | dict[str, str], chat: bool, endpoint: str) -> Response:
-        name, ids, params = self.prepare(req, value)
+                  value: str | dict[str, str], chat: bool, endpoint: str,
+                  templated: bool = False) -> Response:
+        name, ids, params = self.prepare(req, value, templated)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -318,6 +343,10 @@ def create_app(server: Server) -> FastAPI:
         if not users:
             raise ApiError(400, "messages: no user message with content; the last user "
                                 "message is the input")
+        chat_text = server.chat_text(body)
+        if chat_text is not None:  # the base model, which has a chat template: all messages
+            return await server.run(request, body, chat_text, chat=True, endpoint="chat",
+                                    templated=True)
         return await server.run(request, body, users[-1], chat=True, endpoint="chat")
 
     @app.post("/v1/prompts", status_code=201)
