@@ -254,7 +254,7 @@ def layer_modes(model, *, checkpointing: bool = False, compile: bool = False) ->
 
     Compiling: the layers share their code, so with dynamic shapes one compiled graph serves
     every layer and every batch length (plus one more for no-grad validation). On SmolLM2-135M
-    (2 CPU cores) a step is 6-17% faster at 4 x 276 tokens and 35-45% at 8 x 532, after ~15 s
+    (2 CPU cores) a step is 6-17% faster at 4 x 276 tokens and 24-44% at 8 x 532, after ~15 s
     of compiling (BENCHMARKS.md, 2c and 4c).
     """
     layers = decoder_layers(model)
