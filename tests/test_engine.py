@@ -158,7 +158,8 @@ def test_bad_prompts_and_requests_are_refused_in_one_line(tiny):
     model, tok, _ = tiny
     engine = Engine(model, tok)
     h = model.config.hidden_size
-    with pytest.raises(SoftPromptError, match=r"needs \[P, 32\]"):
+    with pytest.raises(SoftPromptError,
+                       match=r"prompt 'wide': prompt hidden size 33 does not match .* 32"):
         engine.add_prompt("wide", torch.zeros(3, h + 1))
     with pytest.raises(SoftPromptError, match="non-finite"):
         engine.add_prompt("nan", torch.full((3, h), float("nan")))
@@ -275,6 +276,8 @@ def test_prompt_pool_mixes_tasks_and_matches_each_prompt_alone(tiny, tmp_path):
         pm = api.PromptedModel(model, tok, tensors[name], tasks[name], "tiny")
         assert out == pm.generate(item, max_new_tokens=8)
     assert input_example(tasks["qa"], qa_record).fields["question"] == "Where is the cat?"
+    with pytest.raises(SoftPromptError, match="field 'source' is empty"):
+        pool.generate(["  "], ["de"])  # plain text is checked as a record's field is
     with pytest.raises(SoftPromptError, match=r"unknown prompt\(s\) \['fr'\]"):
         pool.generate(["x"], ["fr"])
 

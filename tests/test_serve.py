@@ -31,7 +31,7 @@ from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
 from softprompt.prompt import PromptMeta, save_prompt
 from softprompt.serving.app import Server, ServerConfig, create_app
-from softprompt.serving.registry import confined, discover
+from softprompt.serving.registry import confined
 from softprompt.tasks import make_example, render_input
 
 
@@ -125,6 +125,7 @@ def test_bad_requests_get_openai_errors_with_4xx_codes(served):
         assert code == 400 and err["code"] == "context_length_exceeded"
         assert post({"model": "de3", "prompt": "x", "n": 2})[0] == 400
         assert post({"model": "de3", "prompt": ""})[0] == 400
+        assert "looks like JSON" in post({"model": "de3", "prompt": "{broken"})[1]["message"]
         assert post({"model": "qa4", "prompt": "only text"})[0] == 400
         assert post({"model": "de3"})[0] == 400
         assert post(None, content=b"{not json", headers={"content-type": "application/json"})[0] \
@@ -176,10 +177,16 @@ def test_malformed_and_escaping_prompt_directories_are_skipped(tiny, tmp_path, c
                 PromptMeta(model="x", task=TRANSLATION.to_dict(), num_virtual_tokens=2,
                            hidden_size=model.config.hidden_size))
     (root / "escape").symlink_to(outside, target_is_directory=True)
-    names = [p.name for p in discover(root, model.config.hidden_size)]
-    assert names == ["de3", "de5", "de8", "qa4"]
+    save_prompt(root / "nan", torch.full((2, model.config.hidden_size), float("nan")),
+                PromptMeta(model="x", task=TRANSLATION.to_dict(), num_virtual_tokens=2,
+                           hidden_size=model.config.hidden_size))
+    server = Server(Engine(model, tok), ServerConfig(root, BASE))
+    server.load_all()
+    assert sorted(server.prompts) == ["de3", "de5", "de8", "qa4"]
+    assert server.engine.prompt_names() == ["de3", "de5", "de8", "qa4"]
     err = capsys.readouterr().err
-    for bad in ("broken", "wide", "escape"):
+    assert len(err.strip().splitlines()) == 4
+    for bad in ("broken", "wide", "escape", "nan"):
         assert f"skipping {root / bad}" in err
     with pytest.raises(SoftPromptError, match="not allowed"):
         confined(root, "../outside")

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -244,19 +243,6 @@ def generate(prompt_dir: str | Path, inputs: str | dict | list, *, model: str | 
     return load_prompt(prompt_dir, model, device=device, dtype=dtype).generate(inputs, **options)
 
 
-def parse_input(text: str) -> str | dict:
-    """``--input``: a JSON object is a record, anything else is plain text."""
-    stripped = text.strip()
-    if stripped.startswith("{"):
-        try:
-            value = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise SoftPromptError(f"--input looks like JSON but is not valid ({exc.msg})") from None
-        if isinstance(value, dict):
-            return value
-    return text
-
-
 class PromptPool:
     """Several trained prompts on one frozen model: one batch serves any mix of them.
 
@@ -310,10 +296,8 @@ class PromptPool:
                                     stop=[task.stop] if task.stop else [])
             ids = encode_for_generation(
                 task, input_example(task, item, i), self.tokenizer,
-                num_virtual_tokens=self.engine.prefix_length(name),
+                num_virtual_tokens=self.engine.virtual_tokens(name),
                 max_new_tokens=params.max_new_tokens, max_length=context_limit(self.model))
-            if self.engine.bos is not None and ids[:1] == [self.engine.bos]:
-                ids = ids[1:]  # BOS lives in the prefix
             handles.append(self.engine.submit(name, ids, params))
         self.engine.run_until_idle()
         return [h.result().text for h in handles]
@@ -334,9 +318,7 @@ def load_prompts(directories: dict[str, str | Path] | Sequence[str | Path], *,
         raise SoftPromptError("give at least one prompt directory")
     _, first = load_prompt_tensor(next(iter(named.values())))
     name = model or first.model
-    torch_device = models.resolve_device(device)
-    lm, tokenizer = loaded or models.load_model(
-        name, dtype=models.resolve_dtype(dtype, torch_device), device=torch_device)
+    lm, tokenizer = loaded or models.load_model(name, dtype=dtype, device=device)
     pool = PromptPool(lm, tokenizer, name, max_batch_size=max_batch_size,
                       prefix_cache_mb=prefix_cache_mb)
     for prompt_name, directory in named.items():

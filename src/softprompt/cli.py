@@ -132,6 +132,7 @@ def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from softprompt import api, atomic
     from softprompt.data import read_records
+    from softprompt.tasks import parse_input
 
     if (args.input is None) == (args.file is None):
         raise SoftPromptError("give exactly one of --input TEXT or --file PATH")
@@ -139,7 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     GenerationConfig(**options)  # bad values answer before the model load
     if args.output:
         atomic.check_writable(args.output, "--output", directory=False)
-    items = ([api.parse_input(args.input)] if args.input is not None
+    items = ([parse_input(args.input)] if args.input is not None
              else list(read_records(args.file, args.file_split)))
     pm = api.load_prompt(args.prompt, model=args.model, **_runtime(args))
     outputs = pm.generate(items, progress=args.file is not None, **options)

@@ -14,8 +14,10 @@ Masked slots carry attention mask 0 and position ids come from each row's own co
 row sees exactly what it would see alone: its prefix at positions ``0..C_r-1`` and its tokens
 from ``C_r`` on (tests/test_engine.py checks every output against the row decoded alone).
 Requests that arrive while a batch decodes are prefilled together (each behind its own
-prefix) and join at the next step; finished or cancelled rows leave at once; slots that no
-remaining row uses are trimmed from the left.
+prefix, in groups of similar input length) and join at the next step. A finished or cancelled
+request completes at once; its row leaves the cache together with others, once a quarter of
+the batch is done (each leave copies every layer's cache), and slots that no remaining row
+uses are trimmed from the left.
 
 The engine knows nothing of HTTP: ``submit`` returns a :class:`Handle` whose events a server
 streams; :meth:`Engine.generate` is the plain Python entry point.
@@ -35,7 +37,7 @@ import torch
 
 from softprompt.encode import adds_bos, context_limit
 from softprompt.errors import SoftPromptError
-from softprompt.generation import check_inputs
+from softprompt.generation import check_inputs, cut_at_stop, next_tokens
 from softprompt.inputs import (
     PromptCache,
     build_prompt_cache,
@@ -46,6 +48,7 @@ from softprompt.inputs import (
     left_pad_mask,
     reserved_cache,
 )
+from softprompt.prompt import check_hidden_size
 
 __all__ = ["Engine", "Handle", "Completion", "PrefixCache", "prompt_key", "SamplingParams"]
 
@@ -141,8 +144,8 @@ class Completion:
 
 
 class Handle:
-    """A submitted request: stream its text deltas with :meth:`events`, or wait for
-    :meth:`result`. Thread-safe; :meth:`cancel` frees its batch row at the next step."""
+    """A submitted request: stream its text deltas with :meth:`next_event` (or a listener),
+    or wait for :meth:`result`. Thread-safe; :meth:`cancel` frees its batch row at the next step."""
 
     def __init__(self, ident: int, prompt: str | None, input_ids: list[int],
                  params: SamplingParams,
@@ -200,7 +203,7 @@ class _Prompt:
 class _Row:
     """Decoding state of one request in the running batch."""
 
-    def __init__(self, handle: Handle, prefix_length: int, device: torch.device):
+    def __init__(self, handle: Handle, prefix_length: int):
         self.handle = handle
         self.params = handle.params
         self.generated: list[int] = []
@@ -209,8 +212,12 @@ class _Row:
         self.gen = None
         if self.params.temperature > 0:
             self.gen = torch.Generator().manual_seed(self.params.seed)
-        self.reason: str | None = None
-        self.finished = False  # completed; its slot leaves the batch at the next compaction
+        self.reason: str | None = None  # why it finished: "stop", "length" or "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        """Completed; its slot leaves the batch's cache at the next compaction."""
+        return self.reason is not None
 
 
 class Engine:
@@ -257,10 +264,10 @@ class Engine:
 
     def add_prompt(self, name: str, tensor: torch.Tensor) -> str:
         """Register ``tensor`` ``[P, H]`` under ``name``; returns its cache key."""
-        hidden = self.model.get_input_embeddings().weight.shape[1]
-        if tensor.dim() != 2 or tensor.shape[1] != hidden:
-            raise SoftPromptError(f"prompt {name!r} is {list(tensor.shape)}; this model needs "
-                                  f"[P, {hidden}]")
+        if tensor.dim() != 2:
+            raise SoftPromptError(f"prompt {name!r} is {list(tensor.shape)}; a prompt is [P, H]")
+        check_hidden_size(tensor, self.model.get_input_embeddings().weight.shape[1],
+                          f"prompt {name!r}")
         if not torch.isfinite(tensor).all():
             raise SoftPromptError(f"prompt {name!r} holds non-finite values")
         key = prompt_key(tensor)
@@ -280,13 +287,12 @@ class Engine:
     def prompt_names(self) -> list[str]:
         return sorted(n for n in self._prompts if n is not None)
 
-    def prefix_length(self, prompt: str | None) -> int:
-        """Positions the prompt's prefix takes (BOS included where the tokenizer adds one)."""
+    def virtual_tokens(self, prompt: str | None) -> int:
+        """``P`` of a registered prompt (0 for the bare model)."""
         entry = self._prompts.get(prompt)
         if entry is None:
-            raise SoftPromptError(f"no prompt named {prompt!r}")
-        tokens = 0 if entry.tensor is None else entry.tensor.shape[0]
-        return tokens + (self.bos is not None)
+            raise SoftPromptError(f"no prompt named {prompt!r}; known: {self.prompt_names()}")
+        return 0 if entry.tensor is None else entry.tensor.shape[0]
 
     def _prefix(self, entry: _Prompt) -> PromptCache | None:
         if entry.tensor is None and self.bos is None:
@@ -298,28 +304,28 @@ class Engine:
     # --- requests ------------------------------------------------------------------------------
 
     def encode(self, text: str, special_tokens: bool = True) -> list[int]:
-        """Token ids of an input text, BOS removed (it lives in the prefix).
+        """Token ids of an input text as :meth:`submit` takes them (BOS lives in the prefix).
 
         ``special_tokens=False`` for text that carries its own (a chat template's output).
         """
-        ids = self.tokenizer(text, add_special_tokens=special_tokens).input_ids
-        if self.bos is not None and ids and ids[0] == self.bos:
-            ids = ids[1:]
-        return ids
+        return self._without_bos(self.tokenizer(text, add_special_tokens=special_tokens)
+                                 .input_ids)
+
+    def _without_bos(self, ids: list[int]) -> list[int]:
+        return ids[1:] if self.bos is not None and ids[:1] == [self.bos] else list(ids)
 
     def submit(self, prompt: str | None, inputs: str | list[int],
                params: SamplingParams | None = None,
                listener: Callable[[str, str | Completion], None] | None = None) -> Handle:
         """Queue one request behind ``prompt`` (a registered name, or None for the bare
-        model); ``inputs`` is the rendered input text or its ids (without BOS). ``listener``
+        model); ``inputs`` is the rendered input text or its ids (a leading BOS is dropped:
+        the prefix carries it). ``listener``
         is called from the engine's thread with each ``("delta", text)`` and the final
         ``("done", Completion)``."""
-        ids = self.encode(inputs) if isinstance(inputs, str) else list(inputs)
-        if prompt not in self._prompts:
-            raise SoftPromptError(f"no prompt named {prompt!r}; known: {self.prompt_names()}")
+        ids = self.encode(inputs) if isinstance(inputs, str) else self._without_bos(inputs)
         params = params or SamplingParams()
-        check_inputs([ids], self.prefix_length(prompt) - (self.bos is not None),
-                     params.max_new_tokens, self.limit, bos=self.bos is not None)
+        check_inputs([ids], self.virtual_tokens(prompt), params.max_new_tokens, self.limit,
+                     bos=self.bos is not None)
         with self._lock:
             handle = Handle(self._next_id, prompt, ids, params, listener)
             self._next_id += 1
@@ -415,9 +421,9 @@ class Engine:
                 live = [r for r in self._rows if not r.finished]
                 current = live[0].handle.prompt if live else (
                     self._waiting[0].prompt if self._waiting else None)
-                same = [h for h in self._waiting if h.prompt == current][:room]
-                taken = same
-                self._waiting = [h for h in self._waiting if not any(h is t for t in same)]
+                taken = [h for h in self._waiting if h.prompt == current][:room]
+                chosen = {id(h) for h in taken}
+                self._waiting = [h for h in self._waiting if id(h) not in chosen]
             entries = [self._prompts.get(h.prompt) for h in taken]
         admitted = []
         for handle, entry in zip(taken, entries):
@@ -441,9 +447,10 @@ class Engine:
             handle.started = now
         admitted = sorted(admitted, key=lambda a: len(a[0].input_ids))
         parts = [self._prefill_group(group) for group in _length_groups(admitted)]
-        self._join([p for part in parts for p in part[0]], [part[1] for part in parts],
-                   [part[2] for part in parts], torch.cat([part[3] for part in parts]))
-        self._after_sampling(torch.cat([part[3] for part in parts]))
+        tokens = torch.cat([part[3] for part in parts])  # [n], in row order
+        self._join([r for part in parts for r in part[0]], [part[1] for part in parts],
+                   [part[2] for part in parts], tokens)
+        self._after_sampling(tokens)
 
     def _prefill_group(self, admitted: list[tuple[Handle, PromptCache | None]]):
         """One forward for newcomers: newcomer ``i`` (prefix ``C_i``, input ``T_i``) becomes
@@ -471,7 +478,7 @@ class Engine:
         mask = mask.to(self.device)
         logits, cache = cached_forward(self.model, cache, ids.to(self.device), mask,
                                        positions.to(self.device))
-        rows = [_Row(h, c, self.device) for (h, _), c in zip(admitted, lengths)]
+        rows = [_Row(h, c) for (h, _), c in zip(admitted, lengths)]
         return rows, cache, mask, self._sample(rows, logits)
 
     def _decode(self) -> None:
@@ -489,18 +496,12 @@ class Engine:
         self._after_sampling(tokens)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        """``[B, V]`` logits -> ``[B]`` next tokens, each row with its own settings."""
+        """``[B, V]`` logits -> ``[B]`` next tokens: greedy rows at once, each sampling row
+        with its own settings and generator (generation.next_tokens)."""
         tokens = logits.argmax(-1)
         for i, row in enumerate(rows):
-            p = row.params
-            if p.temperature <= 0:
-                continue
-            probs = torch.softmax(logits[i].float() / p.temperature, -1)
-            if p.top_p < 1:
-                sorted_probs, order = probs.sort(descending=True)
-                drop = sorted_probs.cumsum(-1) - sorted_probs > p.top_p
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(drop, 0))
-            tokens[i] = torch.multinomial(probs.cpu(), 1, generator=row.gen).item()
+            if row.params.temperature > 0:
+                tokens[i] = next_tokens(logits[i:i + 1], row.params, row.gen)[0]
         return tokens
 
     def _after_sampling(self, tokens: torch.Tensor) -> None:
@@ -533,10 +534,10 @@ class Engine:
 
     def _stream(self, row: _Row) -> bool:
         """Send the row's new text; True when a stop string has appeared."""
-        body = self.tokenizer.decode(row.generated, skip_special_tokens=True).lstrip()
-        for stop in row.params.stop:
-            if stop in body:
-                return True
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        if cut_at_stop(text, row.params.stop)[1]:
+            return True
+        body = text.lstrip()
         # Hold back what a stop string, trailing whitespace (stripped at the end) or a
         # half-decoded character could still change.
         hold = max((len(s) for s in row.params.stop), default=1) - 1
@@ -548,16 +549,14 @@ class Engine:
 
     def _final_text(self, row: _Row) -> str:
         """The output cut at its earliest stop string (after leading whitespace), stripped."""
-        body = self.tokenizer.decode(row.generated, skip_special_tokens=True).lstrip()
-        found = [at for at in (body.find(s) for s in row.params.stop) if at >= 0]
-        return body[:min(found)].strip() if found else body.strip()
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        return cut_at_stop(text, row.params.stop)[0]
 
     def _drop_rows(self, indices: list[int], reason: str | None) -> None:
         """Finish rows ``indices``: their handles get the completion at once; the rows leave
         the batch's cache when compacting pays (:meth:`_compact`)."""
         for i in indices:
             row = self._rows[i]
-            row.finished = True
             row.reason = reason or row.reason or "stop"
             h = row.handle
             text = self._final_text(row)

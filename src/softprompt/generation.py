@@ -10,6 +10,9 @@ input must leave room in the model's positions for the prompt and the new tokens
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 from tqdm.auto import tqdm
 
@@ -30,18 +33,26 @@ from softprompt.inputs import (
 )
 
 
-def cut_at_stop(text: str, stop: str | None) -> tuple[str, bool]:
-    """Cut ``text`` at the first ``stop`` after its leading whitespace; return (text, stopped)."""
+class SamplingSettings(Protocol):
+    """What choosing a next token reads (GenerationConfig, or a serving request's settings)."""
+
+    temperature: float  # 0: greedy
+    top_p: float
+
+
+def cut_at_stop(text: str, stop: str | Sequence[str] | None) -> tuple[str, bool]:
+    """Cut ``text`` at the earliest stop string (one, or any of several) after its leading
+    whitespace; return (text, stopped)."""
     body = text.lstrip()
-    if stop:
-        at = body.find(stop)
-        if at >= 0:
-            return body[:at].strip(), True
+    stops = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
+    found = [at for at in (body.find(s) for s in stops if s) if at >= 0]
+    if found:
+        return body[:min(found)].strip(), True
     return body.strip(), False
 
 
-def _next_tokens(logits: torch.Tensor, cfg: GenerationConfig,
-                 gen: torch.Generator | None) -> torch.Tensor:
+def next_tokens(logits: torch.Tensor, cfg: GenerationConfig | SamplingSettings,
+                gen: torch.Generator | None) -> torch.Tensor:
     """``[B, V]`` logits -> ``[B]`` next tokens (greedy, or temperature/top-p sampling)."""
     if cfg.temperature <= 0:
         return logits.argmax(-1)
@@ -139,7 +150,7 @@ def _generate_batch(model, tokenizer, prefix: PromptCache | None, encoded: list[
     generated: list[list[int]] = [[] for _ in encoded]
     active = list(range(bsz))  # batch rows still decoding; logits has one row for each
     for step in range(cfg.max_new_tokens):
-        tokens = _next_tokens(logits, cfg, gen)  # [A]
+        tokens = next_tokens(logits, cfg, gen)  # [A]
         keep = []
         for j, tok in enumerate(tokens.tolist()):
             i = active[j]

@@ -250,14 +250,30 @@ def make_examples(task: Task, records: list[dict]) -> list[Example]:
 
 
 def input_example(task: Task, item: str | dict, index: int = 0) -> Example:
-    """An inference input: a record, or plain text for a template with one field."""
-    if isinstance(item, dict):
-        return make_example(task, item, index, with_target=False)
-    names = task.placeholders()
-    if len(names) != 1:
-        raise SoftPromptError(f"task {task.name!r} needs fields {names}; pass a record "
-                              f"(a JSON object) instead of plain text")
-    return Example(str(index), {names[0]: item}, "", [])
+    """An inference input: a record, or plain text for a template with one field; either is
+    checked as a record is (an empty field is refused)."""
+    if not isinstance(item, dict):
+        names = task.placeholders()
+        if len(names) != 1:
+            raise SoftPromptError(f"task {task.name!r} needs fields {names}; pass a record "
+                                  f"(a JSON object) instead of plain text")
+        item = {task.field_map.get(names[0], names[0]): item}
+    return make_example(task, item, index, with_target=False)
+
+
+def parse_input(text: str) -> str | dict:
+    """An input given as text: a JSON object is a record, anything else is plain text."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise SoftPromptError(f"the input looks like JSON but is not valid ({exc.msg}); "
+                                  f"give a JSON object of the task's fields, or plain text"
+                                  ) from None
+        if isinstance(value, dict):
+            return value
+    return text
 
 
 def render_input(task: Task, example: Example, instruction: str = "",

@@ -25,8 +25,8 @@ from softprompt.engine import Completion, Engine, Handle, SamplingParams
 from softprompt.errors import SoftPromptError
 from softprompt.serving import protocol
 from softprompt.serving.metrics import ServerMetrics
-from softprompt.serving.registry import ServedPrompt, discover, load_served
-from softprompt.tasks import make_example, render_input
+from softprompt.serving.registry import ServedPrompt, candidates, load_served
+from softprompt.tasks import input_example, parse_input, render_input
 
 OPEN_PATHS = ("/health", "/")  # the page holds no data; it asks for the key itself
 
@@ -63,7 +63,6 @@ class Server:
 
     def __init__(self, engine: Engine, config: ServerConfig):
         self.engine, self.config = engine, config
-        self.hidden_size = engine.model.get_input_embeddings().weight.shape[1]
         self.prompts: dict[str, ServedPrompt] = {}
         self.metrics = ServerMetrics(engine)
         engine.on_step = self.metrics.batch_size.observe
@@ -71,17 +70,27 @@ class Server:
     # --- prompts -------------------------------------------------------------------------------
 
     def load_all(self) -> None:
-        for served in discover(self.config.prompts_dir, self.hidden_size):
-            self._register(served)
+        """Every prompt directory under ``--prompts``; one that fails is skipped with a
+        one-line warning naming it, and the rest serve."""
+        root = self.config.prompts_dir
+        for name in candidates(root):
+            try:
+                self.load(name)
+            except ApiError as exc:
+                print(f"warning: skipping {root / name}: {exc.message}", file=sys.stderr)
 
     def load(self, name: str) -> ServedPrompt:
+        """Load ``--prompts``/``name`` and register it with the engine (which checks it)."""
         try:
-            served = load_served(self.config.prompts_dir, name, self.hidden_size)
+            served = load_served(self.config.prompts_dir, name)
         except SoftPromptError as exc:
             missing = "no softprompt.json" in str(exc)
             raise ApiError(404 if missing else 400, str(exc),
                            code="prompt_not_found" if missing else "invalid_prompt") from None
-        self._register(served)
+        try:
+            self._register(served)
+        except SoftPromptError as exc:
+            raise ApiError(400, str(exc), code="invalid_prompt") from None
         return served
 
     def _register(self, served: ServedPrompt) -> None:
@@ -131,30 +140,18 @@ class Server:
                                 f"({' '.join(str(exc).split())[:200]})") from None
 
     def _input_text(self, served: ServedPrompt | None, value: str | dict[str, str]) -> str:
-        """The request's input rendered with the prompt's task template."""
-        if isinstance(value, str) and value.strip().startswith("{"):
-            try:
-                parsed = json.loads(value)
-            except json.JSONDecodeError:
-                parsed = None
-            if isinstance(parsed, dict):
-                value = parsed
-        if served is None:
-            if not isinstance(value, str):
-                raise ApiError(400, "the base model takes plain text; send a string")
-            text = value
-        else:
-            if isinstance(value, str):
-                names = served.task.placeholders()
-                if len(names) != 1:
-                    raise ApiError(400, f"prompt {served.name!r} needs the fields {names}; "
-                                        f"send them as a JSON object")
-                value = {served.task.field_map.get(names[0], names[0]): value}
-            try:
-                text = render_input(served.task,
-                                    make_example(served.task, value, with_target=False))
-            except SoftPromptError as exc:
-                raise ApiError(400, str(exc)) from None
+        """The request's input rendered with the prompt's task template: plain text, or a
+        record as a JSON object (or a string holding one), as ``generate --input`` takes it."""
+        try:
+            item = parse_input(value) if isinstance(value, str) else value
+            if served is None:
+                if not isinstance(item, str):
+                    raise ApiError(400, "the base model takes plain text; send a string")
+                text = item
+            else:
+                text = render_input(served.task, input_example(served.task, item))
+        except SoftPromptError as exc:
+            raise ApiError(400, str(exc)) from None
         if not text.strip():
             raise ApiError(400, "the input is empty; send some text")
         return text
@@ -219,8 +216,8 @@ class Server:
                 kind, payload = await asyncio.wait_for(events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    handle.cancel()  # the client left: free its batch row
                     self.metrics.record(label, endpoint, None)
+                    handle.cancel()  # the client left: free its batch row
                     return Response(status_code=204)
                 continue
             if kind == "done":
@@ -254,9 +251,10 @@ class Server:
                 yield "data: [DONE]\n\n"
                 return
         finally:
+            # Recorded before the cancel: once the row has left, the metric is there.
+            self.metrics.record(label, endpoint, completion)
             if completion is None:
                 handle.cancel()  # the client disconnected mid-stream
-            self.metrics.record(label, endpoint, completion)
 
 
 def _finish(completion: Completion) -> str:
@@ -385,9 +383,7 @@ def serve(prompts_dir: str | Path, *, model: str | None = None, host: str = "127
         raise SoftPromptError(f"--port must be in 0..65535, got {port}")
     name = model or models.DEFAULT_MODEL
     config = ServerConfig(root, name, api_key, max_new_tokens_limit)
-    torch_device = models.resolve_device(device)
-    torch_dtype = models.resolve_dtype(dtype, torch_device)
-    lm, tokenizer = loaded or models.load_model(name, dtype=torch_dtype, device=torch_device)
+    lm, tokenizer = loaded or models.load_model(name, dtype=dtype, device=device)
     engine = Engine(lm, tokenizer, max_batch_size=max_batch_size,
                     prefix_cache_bytes=prefix_cache_mb << 20)
     server = Server(engine, config)
