@@ -158,12 +158,51 @@ class GenerationConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with sampling)."})
     batch_size: int = field(default=16, metadata={"help": "Inputs decoded together."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling."})
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={"help": "Divide the scores of tokens already in the input or output by this "
+                          "(1.0: off; 1.1-1.3 curbs loops; transformers' semantics)."},
+    )
+    no_repeat_ngram_size: int = field(
+        default=0,
+        metadata={"help": "Never repeat an n-gram of this size from the input or output "
+                          "(0: off)."},
+    )
+    min_new_tokens: int = field(
+        default=0, metadata={"help": "No EOS before this many new tokens (0: off)."}
+    )
+    num_beams: int = field(
+        default=1,
+        metadata={"help": "Beam search with this many beams (1: greedy or sampling; length "
+                          "penalty 1.0, no early stopping, as transformers)."},
+    )
 
     def __post_init__(self) -> None:
-        _positive(self, "max_new_tokens", "batch_size")
+        _positive(self, "max_new_tokens", "batch_size", "num_beams")
         _non_negative(self, "temperature", "seed")
         if not 0 < self.top_p <= 1:
             raise SoftPromptError(f"--top-p must be in (0, 1], got {self.top_p!r}")
+        problem = check_controls(self)
+        if problem:
+            raise SoftPromptError(problem)
+        if self.num_beams > 1 and self.temperature > 0:
+            raise SoftPromptError(f"--num-beams {self.num_beams} searches deterministically; "
+                                  f"drop --temperature (or use --num-beams 1 to sample)")
+
+
+def check_controls(settings: object, flag=_flag) -> str | None:
+    """The first decoding control out of range (``repetition_penalty``,
+    ``no_repeat_ngram_size``, ``min_new_tokens``) as a one-line message naming ``flag(name)``
+    (GenerationConfig's flags, or a request's field names), or None."""
+    penalty = getattr(settings, "repetition_penalty")
+    if not (isinstance(penalty, (int, float)) and penalty > 0):
+        return (f"{flag('repetition_penalty')} must be positive (1.0: off, above 1 penalises "
+                f"repeats), got {penalty!r}")
+    for name in ("no_repeat_ngram_size", "min_new_tokens"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{flag(name)} must be zero (off) or a positive integer, got {value!r}"
+    return None
 
 
 def field_names(cls: type) -> list[str]:
