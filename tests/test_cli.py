@@ -552,4 +552,35 @@ def test_compare_generation_has_its_own_batch_size_and_seed(cli, capfd, tmp_path
     assert run.returncode == 0, str(run)
     recorded = json.loads((out / "comparison.json").read_text())["generation"]
     assert recorded == {"max_new_tokens": 2, "temperature": 0.0, "top_p": 1.0,
-                        "batch_size": 5, "seed": 3}
+                        "batch_size": 5, "seed": 3, "repetition_penalty": 1.0,
+                        "no_repeat_ngram_size": 0, "min_new_tokens": 0, "num_beams": 1}
+
+
+def test_decoding_control_flags_reach_generate_evaluate_and_compare(cli, capfd, tmp_path):
+    controls = ["--num-beams", "2", "--repetition-penalty", "1.3", "--no-repeat-ngram-size",
+                "2", "--min-new-tokens", "3"]
+    options = {"num_beams": 2, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2,
+               "min_new_tokens": 3}
+    run = _main(["generate", "--prompt", str(cli["prompt_dir"]), "--input", "The dog sleeps.",
+                 "--max-new-tokens", "6", *controls], capfd)
+    assert run.returncode == 0, str(run)
+    pm = _in_process(cli)
+    assert run.stdout == pm.generate("The dog sleeps.", max_new_tokens=6, **options) + "\n"
+    test = str(SAMPLES / "translation" / "test.jsonl")
+    run = _main(["evaluate", "--prompt", str(cli["prompt_dir"]), "--test", test, "--output",
+                 str(tmp_path / "ev"), "--limit", "2", "--max-new-tokens", "4", "--quiet",
+                 *controls], capfd)
+    assert run.returncode == 0, str(run)
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "predictions.jsonl").read_text()
+            .splitlines()]
+    inputs = [json.loads(line) for line in open(test).read().splitlines()[:2]]
+    assert [r["prediction"] for r in rows] == pm.generate(inputs, max_new_tokens=4, **options)
+    run = _main(["compare", "--task", "translation", "--prompt", str(cli["prompt_dir"]),
+                 "--test", test, "--output", str(tmp_path / "cmp"), "--models", cli["model"],
+                 "--limit", "1", "--max-new-tokens", "2", "--quiet", *controls], capfd)
+    assert run.returncode == 0, str(run)
+    recorded = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["generation"]
+    assert {k: recorded[k] for k in options} == options
+    run = _main(["generate", "--prompt", str(cli["prompt_dir"]), "--input", "x",
+                 "--num-beams", "2", "--temperature", "0.5"], capfd)
+    _one_line_error(run, "--num-beams 2 searches deterministically")

@@ -24,12 +24,22 @@ transformers' ``generate(num_beams=K)`` on the same inputs embedded by hand.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 
-from softprompt.config import GenerationConfig
-from softprompt.decoding import apply_controls, controls_active
+from softprompt.decoding import DecodingControls, apply_controls, controls_active
 from softprompt.generation import hits_stop, input_history, prefill
 from softprompt.inputs import PromptCache, cached_forward, select_rows
+
+
+class BeamSettings(DecodingControls, Protocol):
+    """What beam search reads (GenerationConfig, or a serving request's SamplingParams)."""
+
+    num_beams: int
+    max_new_tokens: int
+
 
 LENGTH_PENALTY = 1.0  # transformers' default: the score is the mean log-probability
 NEG = -1.0e9  # transformers' "never chosen" score offset
@@ -44,7 +54,7 @@ def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def beam_search(model, tokenizer, prefix: PromptCache | None, encoded: list[list[int]],
-                cfg: GenerationConfig, stop: str | None = None,
+                cfg: BeamSettings, stop: str | Sequence[str] | None = None,
                 bos: int | None = None) -> list[list[int]]:
     """The best hypothesis of ``cfg.num_beams``-beam search for each input (new ids, no EOS).
 
@@ -53,8 +63,9 @@ def beam_search(model, tokenizer, prefix: PromptCache | None, encoded: list[list
         encoded: each input's ids without BOS (it lives in ``prefix``; ``bos`` names it so
             that the decoding controls weigh it, as transformers does).
         cfg: ``num_beams``, ``max_new_tokens`` and the decoding controls.
-        stop: a stop string that ends a hypothesis like EOS.
+        stop: stop string(s) that end a hypothesis like EOS.
     """
+    stops = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
     k, max_new = cfg.num_beams, cfg.max_new_tokens
     device = model.device
     eos = tokenizer.eos_token_id
@@ -97,11 +108,12 @@ def beam_search(model, tokenizer, prefix: PromptCache | None, encoded: list[list
             ends |= cand_token == eos
         if step + 1 >= max_new:
             ends[:] = True
-        elif stop:
+        elif stops:
             seqs = cand[:, :, :step + 1].tolist()
             for b in range(bsz):
                 for j in range(keep):
-                    if not ends[b, j] and hits_stop(tokenizer, seqs[b][j], stop):
+                    if not ends[b, j] and any(hits_stop(tokenizer, seqs[b][j], s)
+                                              for s in stops):
                         ends[b, j] = True
         # 3. The best K that go on.
         alive_scores = cand_scores + ends.float() * NEG

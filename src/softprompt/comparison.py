@@ -70,7 +70,7 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
         raise SoftPromptError("--prompt fits one model; drop --models or --prompt")
     train_records, val_records, test_records = _read_data(
         task, (train_path, validation_path, test_path), splits, limit)
-    gen = generation or GenerationConfig(max_new_tokens=task.max_new_tokens)
+    gen = generation or GenerationConfig(**task.generation_defaults())
     tcfg = train_config or TrainConfig()
     comparisons = []
     for name in model_names:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from softprompt.errors import SoftPromptError
 
@@ -160,8 +161,9 @@ class GenerationConfig:
     seed: int = field(default=0, metadata={"help": "Seed for sampling."})
     repetition_penalty: float = field(
         default=1.0,
-        metadata={"help": "Divide the scores of tokens already in the input or output by this "
-                          "(1.0: off; 1.1-1.3 curbs loops; transformers' semantics)."},
+        metadata={"help": "Penalise tokens already in the input or output: their positive "
+                          "scores divided by this, negative ones multiplied (1.0: off; above 1 "
+                          "curbs loops; transformers' semantics)."},
     )
     no_repeat_ngram_size: int = field(
         default=0,
@@ -190,11 +192,11 @@ class GenerationConfig:
                                   f"drop --temperature (or use --num-beams 1 to sample)")
 
 
-def check_controls(settings: object, flag=_flag) -> str | None:
+def check_controls(settings: Any, flag=_flag) -> str | None:
     """The first decoding control out of range (``repetition_penalty``,
     ``no_repeat_ngram_size``, ``min_new_tokens``) as a one-line message naming ``flag(name)``
     (GenerationConfig's flags, or a request's field names), or None."""
-    penalty = getattr(settings, "repetition_penalty")
+    penalty = settings.repetition_penalty
     if not (isinstance(penalty, (int, float)) and penalty > 0):
         return (f"{flag('repetition_penalty')} must be positive (1.0: off, above 1 penalises "
                 f"repeats), got {penalty!r}")

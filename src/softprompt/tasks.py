@@ -31,6 +31,14 @@ class Task:
     better_instruction: str = ""  # a better hand-written prompt, also a baseline
     max_new_tokens: int = 64
     field_map: dict[str, str] = field(default_factory=dict)  # template name -> record path
+    # Decoding controls this task generates with unless told otherwise (GenerationConfig
+    # fields among DECODING_DEFAULTS, e.g. {"repetition_penalty": 1.2}); see _preset for how
+    # the presets' were chosen.
+    decoding: dict[str, Any] = field(default_factory=dict)
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """GenerationConfig fields this task sets: ``max_new_tokens`` and its controls."""
+        return {"max_new_tokens": self.max_new_tokens, **self.decoding}
 
     def placeholders(self) -> list[str]:
         return [name for _, name, _, _ in string.Formatter().parse(self.template) if name]
@@ -52,7 +60,21 @@ class Task:
                 raise SoftPromptError(f"task needs a non-empty string {key!r}")
         task = cls(**data)
         validate_template(task.template)
+        check_decoding(task.decoding)
         return task
+
+
+DECODING_DEFAULTS = ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens")
+
+
+def check_decoding(decoding: Any) -> None:
+    """A task's ``decoding`` defaults: a mapping of known controls with valid values."""
+    from softprompt.config import GenerationConfig
+
+    if not isinstance(decoding, dict) or set(decoding) - set(DECODING_DEFAULTS):
+        raise SoftPromptError(f"task key 'decoding' must map some of {list(DECODING_DEFAULTS)} "
+                              f"to values, got {decoding!r}")
+    GenerationConfig(**decoding)
 
 
 def validate_template(template: str) -> None:
