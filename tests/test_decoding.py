@@ -187,3 +187,18 @@ def test_bad_decoding_settings_are_refused_in_one_line(options, message):
     with pytest.raises(SoftPromptError) as err:
         GenerationConfig(**options)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_beam_search_behind_a_kv_prefix_equals_the_text_it_stands_for(tiny):
+    """A KV prefix made of a text's keys/values (inputs.tokens_kv) decodes as the plain model
+    does after that text: ``[BOS? A | BOS? B]`` behind the prefix == the ids ``A BOS? B``."""
+    from softprompt.inputs import tokens_kv
+
+    model, tok, _ = tiny
+    lead = [tok.bos_token_id] if adds_bos(tok) else []
+    text = tok("Summary: Answer:", add_special_tokens=False).input_ids
+    prefix = tokens_kv(model, lead + text)
+    cfg = GenerationConfig(max_new_tokens=8, num_beams=3, batch_size=4)
+    ours = generate_ids(model, tok, TEXTS, prefix, cfg)
+    inputs = [text + lead + tok(t, add_special_tokens=False).input_ids for t in TEXTS]
+    assert ours == generate_ids(model, tok, inputs, None, cfg)
