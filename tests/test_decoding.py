@@ -25,8 +25,9 @@ def _prompt(model, p=4, seed=3):
                        generator=torch.Generator().manual_seed(seed)) * 0.5
 
 
-def _reference(model, tok, texts, prompt, **options) -> list[list[int]]:
-    """transformers' new ids for each text (cut after EOS), the prompt spliced in by hand."""
+def _reference(model, tok, texts, prompt, with_ids=True, **options) -> list[list[int]]:
+    """transformers' new ids for each text (cut after EOS), the prompt spliced in by hand;
+    ``with_ids=False``: ``inputs_embeds`` alone (its processors then see the output alone)."""
     ids = [tok(t).input_ids for t in texts]
     width = max(len(i) for i in ids)
     input_ids = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i in ids])
@@ -34,12 +35,13 @@ def _reference(model, tok, texts, prompt, **options) -> list[list[int]]:
     batch = prompted_batch(model, prompt, input_ids, mask, bos_offset=int(adds_bos(tok)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = model.generate(input_ids=input_ids, inputs_embeds=batch.inputs_embeds,
+        out = model.generate(input_ids=input_ids if with_ids else None,
+                             inputs_embeds=batch.inputs_embeds,
                              attention_mask=batch.attention_mask, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                              **options)
     rows = []
-    for row in out[:, width:].tolist():
+    for row in out[:, width if with_ids else 0:].tolist():
         rows.append(row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row)
     return rows
 
@@ -79,6 +81,38 @@ def test_greedy_with_no_repeat_ngrams_equals_transformers(tiny, size):
     for text, row in zip(TEXTS, ours):  # no n-gram of input + output twice
         seq = tok(text).input_ids + row
         grams = [tuple(seq[i:i + size]) for i in range(len(seq) - size + 1)]
+        assert len(grams) == len(set(grams))
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_penalties_over_the_output_alone_equal_transformers(tiny, num_beams):
+    """``penalize_output_only``: the input's first ``T`` (padded) ids are ignored, as
+    transformers' RepetitionPenaltyLogitsProcessor(prompt_ignore_length=T) does; the n-gram ban
+    over the output alone is transformers' with ``inputs_embeds`` and no ``input_ids``."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    model, tok, _ = tiny
+    prompt = _prompt(model)
+    width = max(len(tok(t).input_ids) for t in TEXTS)
+    common = {"max_new_tokens": 12, "num_beams": num_beams}
+    ours = _ours(model, tok, TEXTS, prompt, repetition_penalty=1.5, penalize_output_only=True,
+                 **common)
+    ignore_input = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(
+        1.5, prompt_ignore_length=width)])
+    assert ours == _reference(model, tok, TEXTS, prompt, logits_processor=ignore_input,
+                              **common)
+    if num_beams == 1:  # leaving the input out changes greedy outputs: the check can fail
+        assert ours != _ours(model, tok, TEXTS, prompt, repetition_penalty=1.5, **common)
+
+    options = {"repetition_penalty": 0.5, "no_repeat_ngram_size": 2}
+    ours = _ours(model, tok, TEXTS, prompt, penalize_output_only=True, **options, **common)
+    reward = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(0.5)])
+    assert ours == _reference(model, tok, TEXTS, prompt, with_ids=False,
+                              logits_processor=reward, no_repeat_ngram_size=2, **common)
+    if num_beams == 1:
+        assert ours != _ours(model, tok, TEXTS, prompt, **options, **common)
+    for row in ours:  # no n-gram of the output twice (the input's may recur)
+        grams = [tuple(row[i:i + 2]) for i in range(len(row) - 1)]
         assert len(grams) == len(set(grams))
 
 

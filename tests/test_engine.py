@@ -311,8 +311,10 @@ def test_decoding_controls_apply_per_row_as_in_generate(tiny):
     engine, prompts = _engine(model, tok)
     settings = [{}, {"repetition_penalty": 1.6}, {"no_repeat_ngram_size": 2,
                                                   "repetition_penalty": 0.6},
-                {"min_new_tokens": 5, "repetition_penalty": 1.2}]
-    jobs = [(TEXTS[i], ["p3", "p5", "p8", None][i], settings[i]) for i in range(4)]
+                {"min_new_tokens": 5, "repetition_penalty": 1.2},
+                {"repetition_penalty": 0.6, "no_repeat_ngram_size": 2,
+                 "penalize_output_only": True}]
+    jobs = [(TEXTS[i], ["p3", "p5", "p8", None, "p3"][i], settings[i]) for i in range(5)]
     handles = [engine.submit(name, text, SamplingParams(max_new_tokens=10, **opts))
                for text, name, opts in jobs]
     engine.run_until_idle()

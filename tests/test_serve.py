@@ -466,6 +466,8 @@ def test_decoding_controls_and_beams_from_an_openai_client(served):
             ({"repetition_penalty": 1.5, "no_repeat_ngram_size": 2},
              {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2}),
             ({"min_tokens": 6}, {"min_new_tokens": 6}),
+            ({"repetition_penalty": 1.5, "penalize_output_only": True},
+             {"repetition_penalty": 1.5, "penalize_output_only": True}),
             ({"min_new_tokens": 6, "num_beams": 3}, {"min_new_tokens": 6, "num_beams": 3}),
         ]:
             want = expected_output(model, tok, tensor, task, {"source": SOURCES[1]}, 12,

@@ -284,14 +284,16 @@ class PromptPool:
         """One output per input, input ``i`` behind prompt ``prompts[i]``, batched together.
 
         ``max_new_tokens`` and the decoding ``controls`` (``repetition_penalty``,
-        ``no_repeat_ngram_size``, ``min_new_tokens``, ``num_beams``) default to each prompt's
+        ``no_repeat_ngram_size``, ``min_new_tokens``, ``penalize_output_only``, ``num_beams``)
+        default to each prompt's
         task settings; long inputs have their task's truncate field cut to fit the model's
         positions.
         """
         from softprompt.engine import SamplingParams
 
         unknown_options = sorted(set(controls) - {"repetition_penalty", "no_repeat_ngram_size",
-                                                   "min_new_tokens", "num_beams"})
+                                                   "min_new_tokens", "penalize_output_only",
+                                                   "num_beams"})
         if unknown_options:
             raise SoftPromptError(f"unknown option(s) {unknown_options}")
         if len(inputs) != len(prompts):

@@ -76,7 +76,7 @@ def beam_search(model, tokenizer, prefix: PromptCache | None, encoded: list[list
     cache = select_rows(cache, rows)
     logits, full_mask, next_pos = logits[rows], full_mask[rows], next_pos[rows]
     controlled = controls_active(cfg)
-    history = input_history(encoded, bos, device)[rows] if controlled else None  # [B*K, L]
+    history = input_history(encoded, bos, device, cfg)[rows] if controlled else None
 
     items = list(range(len(encoded)))  # the inputs still in the batch, in batch order
     bsz, keep = len(items), 2 * k

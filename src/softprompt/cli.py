@@ -36,7 +36,7 @@ def _add_dataclass(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, 
         help_text = f.metadata.get("help", "")
         if kind is bool:
             group.add_argument(flag, action="store_true", dest=f.name,
-                               help=f"{help_text} (default: off)")
+                               help=f"{help_text} (default: {(shown or {}).get(f.name, 'off')})")
             continue
         if isinstance(kind, types.UnionType):  # X | None
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
@@ -231,10 +231,12 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
 # Unset, these generation flags are the task's (max_new_tokens, and the decoding controls of
 # its preset); num_beams is not a task setting but stays unset so that compare's flag is
 # passed only when given.
-DECODING_FLAGS = ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens", "num_beams")
+DECODING_FLAGS = ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens",
+                  "penalize_output_only", "num_beams")
 TASK_DEFAULT = {"max_new_tokens": "the task's", "repetition_penalty": "the task's, else 1.0",
                 "no_repeat_ngram_size": "the task's, else 0", "min_new_tokens":
-                "the task's, else 0", "num_beams": "1"}
+                "the task's, else 0", "penalize_output_only": "the task's, else off",
+                "num_beams": "1"}
 UNSET = dict.fromkeys(TASK_DEFAULT)  # argparse defaults: None, the task decides
 
 

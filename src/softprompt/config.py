@@ -173,6 +173,11 @@ class GenerationConfig:
     min_new_tokens: int = field(
         default=0, metadata={"help": "No EOS before this many new tokens (0: off)."}
     )
+    penalize_output_only: bool = field(
+        default=False,
+        metadata={"help": "The repetition penalty and the n-gram ban weigh the generated "
+                          "tokens alone, not the input's too"},
+    )
     num_beams: int = field(
         default=1,
         metadata={"help": "Beam search with this many beams (1: greedy or sampling; length "

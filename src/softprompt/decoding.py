@@ -17,8 +17,11 @@ PEFT's ``generate`` behind a soft prompt: the input's token ids (BOS included wh
 tokenizer adds one) and every generated token; never the soft prompt's virtual tokens (they
 have no ids), never padding. So a penalty also weighs tokens that the input holds: a summary
 or an extractive answer that copies its input is penalised for it (vLLM's ``repetition_penalty``
-counts the input too). tests/test_decoding.py compares each control with transformers'
-``generate`` on the same inputs.
+counts the input too). ``penalize_output_only`` leaves the input out: the history is the
+generated tokens alone (what transformers does for an encoder-decoder model's decoder, where
+``no_repeat_ngram_size=3`` is the classic summarisation setting, and for a decoder-only model
+given ``inputs_embeds`` without ``input_ids``). tests/test_decoding.py compares each control,
+both ways, with transformers' ``generate`` on the same inputs.
 
 Greedy decoding and sampling apply the controls to the logits (before temperature and top-p);
 beam search to the log-probabilities (transformers does both the same way).
@@ -39,6 +42,7 @@ class DecodingControls(Protocol):
     repetition_penalty: float  # 1.0: off
     no_repeat_ngram_size: int  # 0: off
     min_new_tokens: int  # 0: off
+    penalize_output_only: bool  # the two above weigh the generated tokens alone
 
 
 def controls_active(settings: DecodingControls) -> bool:

@@ -132,6 +132,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     min_new_tokens: int = 0
+    penalize_output_only: bool = False
     num_beams: int = 1
 
     def __post_init__(self) -> None:
@@ -537,7 +538,9 @@ class Engine:
             scores = logits[i:i + 1]  # [1, V]
             if row.controlled:
                 lead = [] if self.bos is None else [self.bos]
-                history = torch.tensor([lead + row.handle.input_ids + row.generated],
+                weighed = ([] if row.params.penalize_output_only
+                           else lead + row.handle.input_ids)
+                history = torch.tensor([weighed + row.generated], dtype=torch.long,
                                        device=logits.device)  # [1, L]
                 scores = apply_controls(scores, history, len(row.generated), row.params,
                                         self.eos)

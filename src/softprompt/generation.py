@@ -20,7 +20,12 @@ from tqdm.auto import tqdm
 
 from softprompt.batching import length_sorted_batches
 from softprompt.config import GenerationConfig
-from softprompt.decoding import apply_controls, controls_active, history_tensor
+from softprompt.decoding import (
+    DecodingControls,
+    apply_controls,
+    controls_active,
+    history_tensor,
+)
 from softprompt.encode import adds_bos, context_limit
 from softprompt.errors import SoftPromptError
 from softprompt.inputs import (
@@ -171,10 +176,13 @@ def prefill(model, prefix: PromptCache | None, encoded: list[list[int]], pad: in
     return logits, cache, full_mask, positions[:, -1:] + 1
 
 
-def input_history(encoded: list[list[int]], bos: int | None,
-                  device: torch.device | str) -> torch.Tensor:
-    """``[B, L]`` the ids the decoding controls weigh for each row: BOS (where the prefix
-    carries one) and the input's ids, left-padded with ``decoding.NO_TOKEN``."""
+def input_history(encoded: list[list[int]], bos: int | None, device: torch.device | str,
+                  settings: DecodingControls) -> torch.Tensor:
+    """``[B, L]`` the input ids the decoding controls weigh for each row: BOS (where the
+    prefix carries one) and the input's ids, left-padded with ``decoding.NO_TOKEN``; none
+    (``[B, 0]``) with ``penalize_output_only``."""
+    if settings.penalize_output_only:
+        return torch.empty(len(encoded), 0, dtype=torch.long, device=device)
     lead = [] if bos is None else [bos]
     return history_tensor([lead + list(ids) for ids in encoded], device)
 
@@ -190,7 +198,7 @@ def _generate_batch(model, tokenizer, prefix: PromptCache | None, encoded: list[
                                                  cfg.max_new_tokens)
     controlled = controls_active(cfg)
     # [A, L + step]: what the controls weigh (only kept when one is on)
-    history = input_history(encoded, bos, device) if controlled else None
+    history = input_history(encoded, bos, device, cfg) if controlled else None
     generated: list[list[int]] = [[] for _ in encoded]
     active = list(range(len(encoded)))  # batch rows still decoding; logits has one row each
     for step in range(cfg.max_new_tokens):

@@ -64,7 +64,8 @@ class Task:
         return task
 
 
-DECODING_DEFAULTS = ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens")
+DECODING_DEFAULTS = ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens",
+                     "penalize_output_only")
 
 
 def check_decoding(decoding: Any) -> None:

@@ -276,7 +276,7 @@ def _controls(req: protocol.SamplingFields, task_defaults: dict[str, Any]) -> di
              "no_repeat_ngram_size": req.no_repeat_ngram_size,
              "min_new_tokens": req.min_tokens if req.min_tokens is not None
              else req.min_new_tokens,
-             "num_beams": req.num_beams}
+             "penalize_output_only": req.penalize_output_only, "num_beams": req.num_beams}
     return {**task_defaults, **{k: v for k, v in given.items() if v is not None}}
 
 

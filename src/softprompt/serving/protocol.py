@@ -42,6 +42,9 @@ class SamplingFields(BaseModel):
                                    "tokens (vLLM's name; stop strings still end the output).")
     min_new_tokens: int | None = Field(default=None, ge=0,
                                        description="The same as min_tokens (transformers' name).")
+    penalize_output_only: bool | None = Field(
+        default=None, description="repetition_penalty and no_repeat_ngram_size weigh the "
+        "generated tokens alone, not the input's too.")
     num_beams: int | None = Field(default=None, ge=1, le=8, description="Beam search with this "
                                   "many beams (greedy search, temperature 0); 1: off.")
     best_of: int | None = Field(default=None, ge=1, description="Only 1; send num_beams for "
