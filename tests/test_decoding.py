@@ -236,3 +236,30 @@ def test_beam_search_behind_a_kv_prefix_equals_the_text_it_stands_for(tiny):
     ours = generate_ids(model, tok, TEXTS, prefix, cfg)
     inputs = [text + lead + tok(t, add_special_tokens=False).input_ids for t in TEXTS]
     assert ours == generate_ids(model, tok, inputs, None, cfg)
+
+
+def test_a_tasks_decoding_defaults_apply_unless_overridden(tiny):
+    from dataclasses import replace
+
+    from softprompt.api import PromptedModel
+    from softprompt.tasks import Task, get_task
+
+    model, tok, _ = tiny
+    prompt = _prompt(model)
+    base = get_task("translation")
+    task = replace(base, decoding={"repetition_penalty": 1.5, "no_repeat_ngram_size": 2})
+    assert Task.from_dict(task.to_dict()) == task  # saved with a prompt, loaded back
+    pm = PromptedModel(model, tok, prompt, task, "tiny")
+    text = pm.render(TEXTS[1])
+    controlled = generate(model, tok, [text], prompt, GenerationConfig(
+        max_new_tokens=8, repetition_penalty=1.5, no_repeat_ngram_size=2), stop=task.stop)[0]
+    plain = generate(model, tok, [text], prompt, GenerationConfig(max_new_tokens=8),
+                     stop=task.stop)[0]
+    assert controlled != plain
+    assert pm.generate(TEXTS[1], max_new_tokens=8) == controlled
+    assert pm.generate(TEXTS[1], max_new_tokens=8, repetition_penalty=1.0,
+                       no_repeat_ngram_size=0) == plain
+    for bad, words in [({"num_beams": 2}, "task key 'decoding' must map some of"),
+                       ({"repetition_penalty": -1.0}, "--repetition-penalty must be positive")]:
+        with pytest.raises(SoftPromptError, match=words):
+            Task.from_dict({**base.to_dict(), "decoding": bad})
