@@ -380,7 +380,9 @@ def test_evaluate_with_dtype_bfloat16_scores_the_bfloat16_model(cli, capfd, tmp_
     model, tok = load_model(cli["model"], dtype=torch.bfloat16)
     expected = evaluate(model, tok, get_task("translation"), read_records(test, limit=2),
                         System("hard", instruction="Translate:"),
-                        generation=GenerationConfig(max_new_tokens=3))
+                        generation=GenerationConfig(**{
+                            **get_task("translation").generation_defaults(),
+                            "max_new_tokens": 3}))
     rows = [json.loads(x) for x in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in expected.predictions]
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
@@ -553,7 +555,8 @@ def test_compare_generation_has_its_own_batch_size_and_seed(cli, capfd, tmp_path
     recorded = json.loads((out / "comparison.json").read_text())["generation"]
     assert recorded == {"max_new_tokens": 2, "temperature": 0.0, "top_p": 1.0,
                         "batch_size": 5, "seed": 3, "repetition_penalty": 1.0,
-                        "no_repeat_ngram_size": 0, "min_new_tokens": 0, "num_beams": 1}
+                        "no_repeat_ngram_size": 0, "min_new_tokens": 0,
+                        "penalize_output_only": False, "num_beams": 1}
 
 
 def test_decoding_control_flags_reach_generate_evaluate_and_compare(cli, capfd, tmp_path):

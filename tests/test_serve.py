@@ -244,8 +244,8 @@ def test_deleting_a_prompt_lets_running_requests_finish(served):
     tensor, task = prompts["de5"]
     assert res.status_code == 200
     text = render_input(task, make_example(task, {"source": SOURCES[3]}, with_target=False))
-    want = generate(model, tok, [text], tensor, GenerationConfig(max_new_tokens=300),
-                    stop="\u0000never")[0]
+    cfg = GenerationConfig(**{**task.generation_defaults(), "max_new_tokens": 300})
+    want = generate(model, tok, [text], tensor, cfg, stop="\u0000never")[0]
     assert res.json()["choices"][0]["text"] == want
 
 
