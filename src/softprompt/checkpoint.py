@@ -7,7 +7,8 @@ per file; a checkpoint whose files do not match is reported and skipped in favou
 previous good one. Tensors go to safetensors and everything else to JSON: nothing is ever
 unpickled.
 
-Tensors (format 3): ``param.<name>`` per parameter of the method module (any number),
+Tensors (format 3): ``param.<name>`` per parameter of the method module (any number) and
+``buffer.<name>`` per buffer,
 ``adam.<name>.<key>`` per parameter's Adam state, ``best_prompt`` (``[P, H]``) or
 ``best_prefix`` (``[L, 2, kv_heads, P, head_dim]``), ``rng.torch``; ``state.json`` adds
 ``method`` and ``best.score``. Formats 1 and 2 (the prompt method only: tensors ``prompt``,
@@ -33,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from softprompt import atomic
 from softprompt.errors import SoftPromptError
 from softprompt.faults import crash_point
+from softprompt.prefix import KVPrefix
 
 PREFIX = "checkpoint-"
 STATE_FILE = "state.json"
@@ -129,6 +131,7 @@ def save(output_dir: Path, state: TrainState) -> Path:
     params = dict(state.prompt.named_parameters())
     best = state.best_prompt
     tensors = {**{f"param.{name}": p for name, p in params.items()},
+               **{f"buffer.{name}": b for name, b in state.prompt.named_buffers()},
                **_adam_tensors(state.optimizer, list(params)),
                **({"best_prompt": best} if torch.is_tensor(best) else {"best_prefix": best.kv}),
                "rng.torch": torch.get_rng_state()}
@@ -160,6 +163,8 @@ def restore(ckpt: Checkpoint, state: TrainState) -> None:
     with torch.no_grad():
         for name, p in state.prompt.named_parameters():
             p.copy_(params[name])
+        for name, b in state.prompt.named_buffers():  # e.g. a projected prefix's start
+            b.copy_(ckpt.tensors.get(f"buffer.{name}", b))
     _restore_adam(state.optimizer, [adam.get(name, {}) for name, _ in
                                     state.prompt.named_parameters()])
     if "rng.torch" in ckpt.tensors:
@@ -208,11 +213,10 @@ def _check_parameters(ckpt: Checkpoint, params: dict[str, torch.Tensor],
 
 def _saved_best(tensors: dict[str, torch.Tensor], state: TrainState):
     """The best prompt so far, as the PromptLike the module exports."""
-    current = state.best_prompt
+    device = next(state.prompt.parameters()).device
     if "best_prefix" in tensors:
-        return type(current)(kv=tensors["best_prefix"].to(current.kv.device).clone())
-    best = tensors.get("best_prompt", tensors.get("prompt"))
-    return best.to(current.device).clone()
+        return KVPrefix(tensors["best_prefix"].to(device).clone())
+    return tensors.get("best_prompt", tensors.get("prompt")).to(device).clone()
 
 
 def _adam_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:

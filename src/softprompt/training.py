@@ -50,6 +50,7 @@ from softprompt.faults import crash_point
 from softprompt.inputs import rows_loss
 from softprompt.methods import PromptMethod
 from softprompt.models import decoder_layers, freeze
+from softprompt.prefix import KVPrefix, kv_shape
 from softprompt.prompt import CONFIG_FILE, PROMPT_FILE, PromptMeta, prompt_exists, save_prompt
 from softprompt.tasks import Task
 
@@ -159,14 +160,8 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
         atomic.write_jsonl(run.out / LOG_FILE, state.log)
         save_prompt(run.out, state.best_prompt, meta)
     distributed_state().wait_for_everyone()
-    return TrainResult(_to(state.best_prompt, "cpu"), meta, state.log, run.out)
+    return TrainResult(state.best_prompt.to("cpu"), meta, state.log, run.out)
 
-
-def _to(prompt, device):
-    """A PromptLike (``[P, H]`` tensor or KV prefix) on ``device``."""
-    if torch.is_tensor(prompt):
-        return prompt.to(device)
-    return type(prompt)(kv=prompt.kv.to(device))
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -542,13 +537,17 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
 def prompt_meta(run: Run, state: TrainState) -> PromptMeta:
     """``softprompt.json`` for the best prompt so far."""
     pcfg = run.prompt_config
+    prefix = isinstance(state.best_prompt, KVPrefix)
+    layers, kv_heads, head_dim = kv_shape(run.model.config) if prefix else (None, None, None)
     return PromptMeta(model=run.model_name, task=run.task.to_dict(),
                       num_virtual_tokens=pcfg.num_virtual_tokens,
                       hidden_size=run.model.get_input_embeddings().weight.shape[1],
-                      init=pcfg.init.value,
+                      init=(pcfg.prefix_init if prefix else pcfg.init).value,
                       train_args={**_plain(asdict(run.config)), **_plain(asdict(pcfg)),
                                   "world_size": run.world},
-                      metrics=final_metrics(run, state.best, state.log))
+                      metrics=final_metrics(run, state.best, state.log),
+                      method=pcfg.method.value, num_layers=layers,
+                      num_key_value_heads=kv_heads, head_dim=head_dim)
 
 
 def _plain(options: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from softprompt.config import Method, PromptConfig, PromptInit
 from softprompt.errors import SoftPromptError
+from softprompt.prefix import kv_shape
 from softprompt.methods.base import PromptMethod, detached
+from softprompt.methods.prefix import PrefixTuning
 from softprompt.methods.prompt import PromptTuning
 from softprompt.methods.ptuning import PTuning
 from softprompt.methods.residual import ResidualPrompt
@@ -28,6 +30,7 @@ METHODS: dict[Method, type[PromptMethod]] = {
     Method.PROMPT: PromptTuning,
     Method.PTUNING: PTuning,
     Method.RESIDUAL: ResidualPrompt,
+    Method.PREFIX: PrefixTuning,
 }
 
 
@@ -71,7 +74,7 @@ def load_init_from(config: PromptConfig, model, model_name: str | None = None):
                               f"this run uses --model {model_name}; start from a prompt of "
                               f"the same model")
     expected = expected_shape(config, model)
-    shape = list(artefact.shape if hasattr(artefact, "shape") else artefact.kv.shape)
+    shape = list(artefact.kv.shape if hasattr(artefact, "kv") else artefact.shape)
     if shape != expected:
         raise SoftPromptError(f"--init-from {directory} holds a prompt of shape {shape}, this "
                               f"run needs {expected} (--num-virtual-tokens "
@@ -81,8 +84,11 @@ def load_init_from(config: PromptConfig, model, model_name: str | None = None):
 
 def expected_shape(config: PromptConfig, model) -> list[int]:
     """The exported prompt's shape: ``[P, H]``, or ``[L, 2, kv_heads, P, head_dim]``."""
+    if config.method is Method.PREFIX:
+        layers, kv_heads, head_dim = kv_shape(model.config)
+        return [layers, 2, kv_heads, config.num_virtual_tokens, head_dim]
     return [config.num_virtual_tokens, model.get_input_embeddings().weight.shape[1]]
 
 
 __all__ = ["METHODS", "PromptMethod", "build", "detached", "init_token_ids", "load_init_from",
-           "PromptTuning", "PTuning", "ResidualPrompt"]
+           "PromptTuning", "PTuning", "ResidualPrompt", "PrefixTuning"]

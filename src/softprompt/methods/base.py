@@ -25,10 +25,13 @@ class PromptMethod(torch.nn.Module):
     def forward(self):  # -> PromptLike, differentiable
         raise NotImplementedError
 
-    @torch.no_grad()
     def export(self):
-        """The prompt as saved: ``forward()`` detached, float32, on its own storage."""
-        return detached(self.forward())
+        """The prompt as saved: ``forward()`` detached, float32, on its own storage.
+
+        Computed with autograd on, as in training: some kernels (the LSTM's) take another
+        path under ``no_grad`` and would differ in the last bits."""
+        with torch.enable_grad():
+            return detached(self.forward())
 
     @classmethod
     def create(cls, config: PromptConfig, model, init_ids: list[int] | None,
@@ -44,9 +47,11 @@ class PromptMethod(torch.nn.Module):
 
 def detached(prompt):
     """A detached float32 copy of a PromptLike (``[P, H]`` tensor or KV prefix)."""
-    if isinstance(prompt, torch.Tensor):
-        return prompt.detach().to(torch.float32).clone()
-    return type(prompt)(kv=prompt.kv.detach().to(torch.float32).clone())
+    from softprompt.prefix import KVPrefix
+
+    if isinstance(prompt, KVPrefix):
+        return KVPrefix(prompt.kv.detach().to(torch.float32).clone())
+    return prompt.detach().to(torch.float32).clone()
 
 
 @contextlib.contextmanager
