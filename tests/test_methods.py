@@ -106,6 +106,23 @@ def test_every_method_lowers_the_loss_and_leaves_the_model_alone(tiny, records, 
         assert meta["train_args"][option] == value
 
 
+def test_api_takes_the_method_and_its_options(tiny, tmp_path):
+    from softprompt import api
+
+    model, tok, _ = tiny
+    train_file = SAMPLES / "translation" / "train.jsonl"
+    result = api.train("translation", train_file, tmp_path / "out", loaded=(model, tok),
+                       progress=False, method="ptuning", encoder="lstm", encoder_hidden_size=8,
+                       num_virtual_tokens=4, epochs=1, max_train_examples=4, batch_size=4,
+                       lr_scheduler="cosine")
+    assert result.meta.method == "ptuning" and result.prompt.shape == (4, 32)
+    assert result.meta.train_args["encoder"] == "lstm"
+    with pytest.raises(SoftPromptError, match="--prefix-projection is an option of --method "
+                                              "prefix"):
+        api.train("translation", train_file, tmp_path / "x", loaded=(model, tok),
+                  method="residual", prefix_projection=True)
+
+
 def test_lr_defaults_per_method(tiny, records, tmp_path):
     model, tok, _ = tiny
     for method, lr in (("prompt", 0.03), ("ptuning", 0.003), ("residual", 0.03),

@@ -59,7 +59,9 @@ def train(task: str | Task, train: str | Path, output: str | Path, *,
           overwrite: bool = False, resume: bool = False, progress: bool = True,
           device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
           loaded: tuple[Any, Any] | None = None, **options: Any) -> TrainResult:
-    """Train a soft prompt; ``options`` are PromptConfig/TrainConfig fields (``epochs=3`` ...).
+    """Train a soft prompt; ``options`` are PromptConfig/TrainConfig fields (``epochs=3`` ...),
+    among them the method and its options (``method="prefix"``, ``prefix_projection=True``,
+    ``encoder="lstm"``, ``init_from="runs/x"``; see softprompt.methods).
 
     ``device``/``dtype`` place the frozen model (``auto``: see :func:`models.resolve_device`
     and :func:`models.resolve_dtype`); the prompt itself is always float32. ``loaded`` passes
@@ -159,7 +161,8 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
     """Soft prompt vs hard prompts on one test set, per model; writes the report to ``output``.
 
     ``options`` are PromptConfig/TrainConfig fields for training the soft prompt (``epochs``,
-    ``batch_size``, ...); generation has its own ``eval_batch_size`` and ``eval_seed``.
+    ``batch_size``, ``method``, ...); generation has its own ``eval_batch_size`` and
+    ``eval_seed``.
     """
     from softprompt import comparison
 

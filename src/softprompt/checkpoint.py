@@ -1,10 +1,10 @@
 """Training checkpoints: ``checkpoint-<step>/`` directories that survive SIGKILL.
 
 A checkpoint holds a :class:`TrainState`: the method's parameters, Adam's moments, torch's RNG,
-the position in the data, the best prompt so far and the log. Each checkpoint is staged in a temporary
-directory and renamed into place, so it is complete or absent. ``state.json`` records a SHA-256
-per file; a checkpoint whose files do not match is reported and skipped in favour of the
-previous good one. Tensors go to safetensors and everything else to JSON: nothing is ever
+the position in the data, the best prompt so far and the log. Each checkpoint is staged in a
+temporary directory and renamed into place, so it is complete or absent. ``state.json``
+records a SHA-256 per file; a checkpoint whose files do not match is reported and skipped in
+favour of the previous good one. Tensors go to safetensors and everything else to JSON: nothing is ever
 unpickled.
 
 Tensors (format 3): ``param.<name>`` per parameter of the method module (any number) and

@@ -128,9 +128,8 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
         overwrite: replace a prompt already in ``output_dir``.
         resume: continue from the newest good checkpoint in ``output_dir``.
         on_epoch_end: called as ``f(epoch, prompt)`` (the exported PromptLike) after each
-            epoch, on the main
-            process (on every process with a sharded model, whose forwards need them all);
-            the metrics it returns are added to that epoch's log record.
+            epoch, on the main process (on every process with a sharded model, whose forwards
+            need them all); the metrics it returns are added to that epoch's log record.
     """
     # 1. Check and encode everything before touching the output directory.
     run = setup(model, tokenizer, task, train_records, output_dir, validation_records,
@@ -163,7 +162,6 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
     return TrainResult(state.best_prompt.to("cpu"), meta, state.log, run.out)
 
 
-
 # --- setup ------------------------------------------------------------------------------------
 
 
@@ -191,8 +189,9 @@ def setup(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
     sharded = config.shard_model and procs.num_processes > 1
     batch = GlobalBatch(config.batch_size, procs.num_processes, config.gradient_accumulation_steps)
     run = Run(model, tokenizer, task, Path(output_dir), prompt_config, config, model_name,
-              train_data, val_data, val_records, batch, procs.process_index, procs.is_main_process, sharded,
-              procs.device if sharded else model.device, int(adds_bos(tokenizer)), progress)
+              train_data, val_data, val_records, batch, procs.process_index,
+              procs.is_main_process, sharded, procs.device if sharded else model.device,
+              int(adds_bos(tokenizer)), progress)
     if run.main:
         for name, data in (("training", train_data), ("validation", val_data)):
             _report_cuts(run, name, data)

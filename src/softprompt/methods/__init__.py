@@ -19,12 +19,12 @@ from pathlib import Path
 
 from softprompt.config import Method, PromptConfig, PromptInit
 from softprompt.errors import SoftPromptError
-from softprompt.prefix import kv_shape
 from softprompt.methods.base import PromptMethod, detached
 from softprompt.methods.prefix import PrefixTuning
 from softprompt.methods.prompt import PromptTuning
 from softprompt.methods.ptuning import PTuning
 from softprompt.methods.residual import ResidualPrompt
+from softprompt.prefix import kv_shape
 
 METHODS: dict[Method, type[PromptMethod]] = {
     Method.PROMPT: PromptTuning,
