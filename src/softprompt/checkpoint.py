@@ -4,16 +4,16 @@ A checkpoint holds a :class:`TrainState`: the method's parameters, Adam's moment
 the position in the data, the best prompt so far and the log. Each checkpoint is staged in a
 temporary directory and renamed into place, so it is complete or absent. ``state.json``
 records a SHA-256 per file; a checkpoint whose files do not match is reported and skipped in
-favour of the previous good one. Tensors go to safetensors and everything else to JSON: nothing is ever
-unpickled.
+favour of the previous good one. Tensors go to safetensors and everything else to JSON:
+nothing is ever unpickled.
 
-Tensors (format 3): ``param.<name>`` per parameter of the method module (any number) and
-``buffer.<name>`` per buffer,
-``adam.<name>.<key>`` per parameter's Adam state, ``best_prompt`` (``[P, H]``) or
-``best_prefix`` (``[L, 2, kv_heads, P, head_dim]``), ``rng.torch``; ``state.json`` adds
-``method`` and ``best.score``. Formats 1 and 2 (the prompt method only: tensors ``prompt``,
-``best_prompt``, ``adam.<key>``) are still read; format 2 added ``version``, ``global_batch``
-and ``epoch_stats``, format 1 kept the epoch's running loss inside ``best``.
+Tensors (format 3): ``param.<name>`` per parameter of the method module (any number),
+``buffer.<name>`` per buffer, ``adam.<name>.<key>`` per parameter's Adam state,
+``best_prompt`` (``[P, H]``) or ``best_prefix`` (``[L, 2, kv_heads, P, head_dim]``) and
+``rng.torch``; ``state.json`` adds ``method`` and ``best.score``. Formats 1 and 2 (the prompt
+method only: tensors ``prompt``, ``best_prompt``, ``adam.<key>``) are still read; format 2
+added ``version``, ``global_batch`` and ``epoch_stats``, format 1 kept the epoch's running loss
+inside ``best``.
 """
 
 from __future__ import annotations
