@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -427,3 +428,31 @@ def test_lr_schedules(tiny, records, tmp_path, scheduler):
              else [0.1 * (1 - d) for d in decay])
     assert lrs == pytest.approx([0.05, 0.1] + after, abs=1e-12)
     assert (LOG_FILE, scheduler) == (LOG_FILE, result.meta.train_args["lr_scheduler"])
+
+
+# --- data parallel ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [["--method", "residual", "--encoder-hidden-size", "8"],
+                                     ["--method", "prefix", "--prefix-projection",
+                                      "--encoder-hidden-size", "8"]])
+def test_two_processes_match_one_for_methods_with_several_parameters(tiny_dirs, tmp_path,
+                                                                     options):
+    """Every parameter's gradient is summed over the processes (not only the first one's)."""
+    from test_distributed import _data, _launch, _single, _train_args
+
+    if shutil.which("accelerate") is None and not (Path(sys.executable).parent
+                                                   / "accelerate").exists():
+        pytest.skip("accelerate CLI not installed")
+    data = _data(tmp_path, 16)
+    one = _single(_train_args(tiny_dirs["llama"], data, tmp_path / "one", 8, *options))
+    assert one.returncode == 0, one.stderr
+    two = _launch(2, _train_args(tiny_dirs["llama"], data, tmp_path / "two", 4, *options))
+    assert two.returncode == 0, two.stderr
+    saved = [load_prompt_tensor(tmp_path / name)[0] for name in ("one", "two")]
+    tensors = [s.kv if isinstance(s, KVPrefix) else s for s in saved]
+    torch.testing.assert_close(tensors[1], tensors[0], atol=1e-6, rtol=0)
+    logs = [[json.loads(x) for x in (tmp_path / name / LOG_FILE).read_text().splitlines()]
+            for name in ("one", "two")]
+    steps = [[r["grad_norm"] for r in log if r["event"] == "step"] for log in logs]
+    assert steps[1] == pytest.approx(steps[0], rel=1e-5)
