@@ -402,16 +402,20 @@ def test_metric_for_best_selects_by_generation(tiny, records, tmp_path):
     assert again.metrics["token_overlap"] == pytest.approx(max(scores), abs=1e-4)
 
 
-def test_selection_flags_are_checked_before_training(tiny, records, tmp_path):
+def test_flags_the_run_cannot_honour_are_refused_before_training(tiny, records, tmp_path):
     model, tok, _ = tiny
     data = _yes(records[:4])
-    for cfg, message in ((_cfg(metric_for_best="bleu"),
-                          "--metric-for-best must be loss or token_overlap for task custom"),
-                         (_cfg(metric_for_best="token_overlap"), "--metric-for-best needs "
-                                                                 "validation data"),
-                         (_cfg(eval_steps=2), "--eval-steps needs validation data")):
+    for cfg, method, message in (
+            (_cfg(metric_for_best="bleu"), "prompt",
+             "--metric-for-best must be loss or token_overlap for task custom"),
+            (_cfg(metric_for_best="token_overlap"), "prompt",
+             "--metric-for-best needs validation data"),
+            (_cfg(eval_steps=2), "prompt", "--eval-steps needs validation data"),
+            (_cfg(gradient_checkpointing=True), "prefix",
+             "--gradient-checkpointing does not work with --method prefix")):
         with pytest.raises(SoftPromptError, match=message):
-            train(model, tok, YES, data, tmp_path / "out", train_config=cfg, progress=False)
+            train(model, tok, YES, data, tmp_path / "out", train_config=cfg, progress=False,
+                  prompt_config=_pcfg(method))
         assert not (tmp_path / "out").exists()
 
 

@@ -42,7 +42,14 @@ from tqdm.auto import tqdm
 from softprompt import atomic, checkpoint, methods
 from softprompt.batching import length_sorted_batches, step_order
 from softprompt.checkpoint import Best, EpochStats, GlobalBatch, TrainState
-from softprompt.config import DEFAULT_LR, GenerationConfig, PromptConfig, Scheduler, TrainConfig
+from softprompt.config import (
+    DEFAULT_LR,
+    GenerationConfig,
+    Method,
+    PromptConfig,
+    Scheduler,
+    TrainConfig,
+)
 from softprompt.distributed import all_reduce_sum, distributed_state, same_count, shard_layers
 from softprompt.encode import IGNORE_INDEX, EncodedDataset, adds_bos, encode_dataset
 from softprompt.errors import SoftPromptError
@@ -200,7 +207,7 @@ def setup(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
 
 def check_selection(config: TrainConfig, prompt_config: PromptConfig, task: Task,
                     validation: bool) -> TrainConfig:
-    """Refuse selection flags the run cannot honour; fill in the method's default ``--lr``."""
+    """Refuse flags the run cannot honour; fill in the method's default ``--lr``."""
     allowed = ("loss", task.primary_metric)
     if config.metric_for_best not in allowed:
         raise SoftPromptError(f"--metric-for-best must be {' or '.join(allowed)} for task "
@@ -209,6 +216,10 @@ def check_selection(config: TrainConfig, prompt_config: PromptConfig, task: Task
                         ("--metric-for-best", config.metric_for_best != "loss")):
         if given and not validation:
             raise SoftPromptError(f"{flag} needs validation data; give --validation PATH")
+    if config.gradient_checkpointing and prompt_config.method is Method.PREFIX:
+        # The recomputed forward would append to the prefix's cache a second time.
+        raise SoftPromptError("--gradient-checkpointing does not work with --method prefix "
+                              "yet; drop it (or use --bf16 to save memory)")
     if config.lr is None:
         config = replace(config, lr=DEFAULT_LR[prompt_config.method])
     return config
