@@ -286,6 +286,12 @@ def test_init_from_refuses_another_method_model_or_shape(tiny, records, tmp_path
         start(num_virtual_tokens=6)
     with pytest.raises(SoftPromptError, match="not found"):
         methods.build(_pcfg("prompt", init_from=str(tmp_path / "nothing")), model, None, 0)
+    # The API refuses before it loads a model (there is none by that name).
+    from softprompt import api
+
+    with pytest.raises(SoftPromptError, match="holds a 'prompt' prompt"):
+        api.train("translation", SAMPLES / "translation" / "train.jsonl", tmp_path / "x",
+                  model="tiny-a", method="prefix", init_from=str(trained))
 
 
 def test_options_of_another_method_are_refused():
@@ -295,6 +301,9 @@ def test_options_of_another_method_are_refused():
                           ({"encoder_hidden_size": 8}, "--encoder-hidden-size")):
         with pytest.raises(SoftPromptError, match=flag):
             PromptConfig(method="prompt", **options)
+    with pytest.raises(SoftPromptError, match="--init sets .* use --prefix-init"):
+        PromptConfig(method="prefix", init="random")
+    PromptConfig(method="prefix", init="random", prefix_projection=True)  # E starts random
     with pytest.raises(SoftPromptError, match="--method must be one of prompt, ptuning"):
         PromptConfig(method="lora")
     with pytest.raises(SoftPromptError, match="--lr-scheduler must be one of linear, cosine"):

@@ -80,6 +80,10 @@ def train(task: str | Task, train: str | Path, output: str | Path, *,
             make_example(task_obj, rec, i)
     atomic.check_writable(output)
     check_output_dir(output, overwrite, resume)
+    if pcfg.init_from:
+        from softprompt.methods import check_init_from
+
+        check_init_from(pcfg, model)
     if loaded is None:
         from softprompt.distributed import distributed_state
 

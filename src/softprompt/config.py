@@ -160,6 +160,10 @@ class PromptConfig:
         for name, given in prefix_only.items():
             if given and self.method is not Method.PREFIX:
                 raise SoftPromptError(f"{_flag(name)} is an option of --method prefix; drop it")
+        if (self.method is Method.PREFIX and not self.prefix_projection
+                and self.init is not PromptInit.TEXT):
+            raise SoftPromptError("--init sets [P, H] embeddings, which --method prefix has "
+                                  "only with --prefix-projection; use --prefix-init")
         if self.encoder_hidden_size is not None and not (
                 self.method in (Method.PTUNING, Method.RESIDUAL) or self.prefix_projection):
             raise SoftPromptError("--encoder-hidden-size needs --method ptuning or residual, "

@@ -57,27 +57,35 @@ def build(config: PromptConfig, model, init_ids: list[int] | None, seed: int,
     return cls.create(config, model, init_ids, seed)
 
 
-def load_init_from(config: PromptConfig, model, model_name: str | None = None):
-    """The PromptLike saved in ``--init-from``, refused in one line if its method, model or
-    shape differs from this run's."""
-    from softprompt.prompt import load_prompt_tensor
+def check_init_from(config: PromptConfig, model_name: str | None = None) -> None:
+    """Refuse an ``--init-from`` directory of another method or model before the model loads
+    (its shape is checked against the model by :func:`load_init_from`)."""
+    from softprompt.prompt import load_meta
 
     directory = Path(config.init_from)
-    artefact, meta = load_prompt_tensor(directory)
-    saved_method = getattr(meta, "method", None) or Method.PROMPT.value
-    if saved_method != config.method.value:
-        raise SoftPromptError(f"--init-from {directory} holds a {saved_method!r} prompt, this "
+    meta = load_meta(directory)
+    if meta.method != config.method.value:
+        raise SoftPromptError(f"--init-from {directory} holds a {meta.method!r} prompt, this "
                               f"run trains --method {config.method.value}; start from a "
                               f"directory of the same method")
     if model_name is not None and meta.model != model_name:
         raise SoftPromptError(f"--init-from {directory} was trained on --model {meta.model}, "
                               f"this run uses --model {model_name}; start from a prompt of "
                               f"the same model")
+
+
+def load_init_from(config: PromptConfig, model, model_name: str | None = None):
+    """The PromptLike saved in ``--init-from``, refused in one line if its method, model or
+    shape differs from this run's."""
+    from softprompt.prompt import load_prompt_tensor
+
+    check_init_from(config, model_name)
+    artefact, _ = load_prompt_tensor(config.init_from)
     expected = expected_shape(config, model)
     shape = list(artefact.kv.shape if hasattr(artefact, "kv") else artefact.shape)
     if shape != expected:
-        raise SoftPromptError(f"--init-from {directory} holds a prompt of shape {shape}, this "
-                              f"run needs {expected} (--num-virtual-tokens "
+        raise SoftPromptError(f"--init-from {config.init_from} holds a prompt of shape {shape}, "
+                              f"this run needs {expected} (--num-virtual-tokens "
                               f"{config.num_virtual_tokens} on this model); match them")
     return artefact
 
@@ -90,5 +98,6 @@ def expected_shape(config: PromptConfig, model) -> list[int]:
     return [config.num_virtual_tokens, model.get_input_embeddings().weight.shape[1]]
 
 
-__all__ = ["METHODS", "PromptMethod", "build", "detached", "init_token_ids", "load_init_from",
+__all__ = ["METHODS", "PromptMethod", "build", "check_init_from", "detached", "init_token_ids",
+           "load_init_from",
            "PromptTuning", "PTuning", "ResidualPrompt", "PrefixTuning"]
