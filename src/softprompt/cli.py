@@ -43,14 +43,17 @@ def _add_dataclass(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, 
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if isinstance(kind, type) and issubclass(kind, enum.Enum):
             group.add_argument(flag, dest=f.name, default=default.value,
-                               choices=[i.value for i in kind], help=help_text)
+                               choices=[i.value for i in kind],
+                               help=f"{help_text} (default: {default.value})")
             continue
         text = (shown or {}).get(f.name, default.value if hasattr(default, "value") else default)
         if default is None and "(default" in help_text:  # the help says what None means
-            text = None
+            shown_default = ""
+        else:
+            shown_default = f" (default: {text})"
         group.add_argument(flag, dest=f.name, type=kind, default=default, metavar=f.name.upper()
                            if kind is str else kind.__name__.upper(),
-                           help=help_text if text is None else f"{help_text} (default: {text})")
+                           help=help_text + shown_default)
     return group
 
 

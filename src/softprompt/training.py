@@ -64,7 +64,7 @@ from softprompt.tasks import Task
 LOG_FILE = "log.jsonl"
 
 Rows = list[tuple[list[int], list[int]]]  # encoded (ids, labels) rows
-EpochCallback = Callable[[int, torch.Tensor], dict[str, Any]]
+EpochCallback = Callable[[int, Any], dict[str, Any]]  # (epoch, exported PromptLike)
 
 
 @dataclass
@@ -182,7 +182,7 @@ def setup(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
     the CPU); otherwise to the model's device.
     """
     check_output_dir(output_dir, overwrite, resume)
-    config = check_selection(config, prompt_config, task, bool(validation_records))
+    config = check_flags(config, prompt_config, task, bool(validation_records))
     records = (train_records[: config.max_train_examples] if config.max_train_examples
                else train_records)
     train_data = encode_dataset(task, records, tokenizer, prompt_config.num_virtual_tokens,
@@ -205,7 +205,7 @@ def setup(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
     return run
 
 
-def check_selection(config: TrainConfig, prompt_config: PromptConfig, task: Task,
+def check_flags(config: TrainConfig, prompt_config: PromptConfig, task: Task,
                     validation: bool) -> TrainConfig:
     """Refuse flags the run cannot honour; fill in the method's default ``--lr``."""
     allowed = ("loss", task.primary_metric)
@@ -499,7 +499,7 @@ def generation_metric(run: Run, prompt) -> float:
 
     gen = GenerationConfig(max_new_tokens=run.task.max_new_tokens)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.config.bf16):
-        result = evaluate(run.model, run.tokenizer, run.task, run.val_records or [],
+        result = evaluate(run.model, run.tokenizer, run.task, run.val_records,
                           System(SOFT, prompt), generation=gen, max_length=run.config.max_length)
     return float(result.metrics[run.config.metric_for_best])
 
