@@ -168,7 +168,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           task=task, model=args.model, test_split=args.test_split,
                           limit=args.limit, max_length=args.max_length,
                           overwrite=args.overwrite, progress=not args.quiet, **_runtime(args),
-                          **_generation_options(args))
+                          shots=args.shots, shots_seed=args.shots_seed, train=args.train,
+                          train_split=args.train_split, **_generation_options(args))
     print(json.dumps(result.metrics, indent=1))
     return 0
 
@@ -239,8 +240,21 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> None:
                    help="input tokens kept per example (default: 1024)")
     p.add_argument("--overwrite", action="store_true", help="replace results in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_few_shot_args(p)
     _add_dataclass(p, GenerationConfig, shown=TASK_DEFAULT)
     p.set_defaults(max_new_tokens=None)
+
+
+def _add_few_shot_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("few-shot")
+    g.add_argument("--shots", type=int, default=0, metavar="K",
+                   help="put K solved training examples before each input of the hard prompt "
+                        "(as many as fit; default: 0)")
+    g.add_argument("--shots-seed", type=int, default=0, metavar="INT",
+                   help="seed that draws the K demonstrations (default: 0)")
+    g.add_argument("--train", help="training data the demonstrations come from (with --shots)")
+    g.add_argument("--train-split", default="train", help="split of an hf: --train "
+                   "(default: train)")
 
 
 def _compare_parser(p: argparse.ArgumentParser) -> None:
