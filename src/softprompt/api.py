@@ -168,6 +168,8 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
             test_split: str = "test", limit: int | None = None, val_limit: int = 20,
             max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
             eval_batch_size: int = 16, eval_seed: int = 0,
+            shots: Sequence[int] | None = None, shots_seed: int = 0,
+            seeds: Sequence[int] | None = None, train_sizes: Sequence[int] = (),
             overwrite: bool = False, reuse: bool = False, progress: bool = True,
             device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
             **options: Any) -> list[ModelComparison]:
@@ -175,6 +177,9 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
 
     ``options`` are PromptConfig/TrainConfig fields for training the soft prompt (``epochs``,
     ``batch_size``, ...); generation has its own ``eval_batch_size`` and ``eval_seed``.
+    ``shots``: the K of the hard baselines (default ``(0, 3)`` with ``train``, else ``(0,)``),
+    demonstrations drawn from ``train`` with ``shots_seed``; ``seeds``: one soft prompt per
+    seed (mean ± std, default the ``seed`` option); ``train_sizes``: the learning curve.
     """
     from softprompt import comparison
 
@@ -195,6 +200,8 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
         model_names=[m for m in names if m], splits=(train_split, validation_split, test_split),
         limit=limit, val_limit=val_limit, generation=gen,
         prompt_config=PromptConfig(**prompt_opts), train_config=TrainConfig(**train_opts),
+        shots=None if shots is None else list(shots), shots_seed=shots_seed,
+        seeds=None if seeds is None else list(seeds), train_sizes=list(train_sizes),
         overwrite=overwrite, reuse=reuse, progress=progress, device=device, dtype=dtype)
 
 

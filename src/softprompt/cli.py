@@ -185,12 +185,43 @@ def cmd_compare(args: argparse.Namespace) -> int:
         train_split=args.train_split, validation_split=args.validation_split,
         test_split=args.test_split, limit=args.limit, val_limit=args.val_limit,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        eval_batch_size=args.eval_batch_size, eval_seed=args.eval_seed,
+        eval_batch_size=args.eval_batch_size, eval_seed=args.eval_seed, **_study_options(args),
         overwrite=args.overwrite, reuse=args.reuse, progress=not args.quiet, **_runtime(args),
         **_pick(args, PromptConfig), **_pick(args, TrainConfig))
     print(summary(comparisons))
     print(f"\nreport: {Path(args.output) / 'report.md'}")
     return 0
+
+
+def _int_list(flag: str):
+    """An argparse type: ``"0,1,2"`` -> ``[0, 1, 2]``, a one-line error naming ``flag``."""
+    def parse(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, e.g. "
+                                             f"0,1,2; got {text!r}") from None
+    return parse
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("study: few-shot baselines, seeds, learning curve")
+    g.add_argument("--shots", type=_int_list("--shots"), default=None, metavar="K1,K2",
+                   help="hard baselines with K demonstrations from --train each; 0 is "
+                        "zero-shot (default: 0,3 with --train, else 0)")
+    g.add_argument("--shots-seed", type=int, default=0, metavar="INT",
+                   help="seed that draws the demonstrations (default: 0)")
+    g.add_argument("--seeds", type=_int_list("--seeds"), default=None, metavar="S1,S2",
+                   help="train one soft prompt per seed: mean ± std and intervals over them "
+                        "(default: --seed)")
+    g.add_argument("--train-sizes", type=_int_list("--train-sizes"), default=None,
+                   metavar="N1,N2", help="learning curve: also train on the first N training "
+                   "examples for each N (every seed)")
+
+
+def _study_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"shots": args.shots, "shots_seed": args.shots_seed, "seeds": args.seeds,
+            "train_sizes": args.train_sizes or ()}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -282,6 +313,7 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse", action="store_true",
                    help="keep evaluations already in --output; run only missing systems")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_study_args(p)
     _add_dataclass(p, PromptConfig)
     _add_dataclass(p, TrainConfig)
     g = _add_dataclass(p, GenerationConfig, skip=("seed", "batch_size"), shown=TASK_DEFAULT)
