@@ -272,7 +272,8 @@ def _seed_text(comp: ModelComparison) -> str:
 
 SETTING_LABELS = {
     "task": "task", "models": "model(s)", "data": "data files", "split_sizes": "split sizes",
-    "method": "method", "prompt": "trained prompt given", "num_virtual_tokens": "P (virtual tokens)",
+    "method": "method", "prompt": "trained prompt given",
+    "num_virtual_tokens": "P (virtual tokens)",
     "init": "init", "epochs": "epochs", "lr": "learning rate", "batch_size": "batch size",
     "max_length": "max length", "seeds": "seeds", "shots": "shots (K)",
     "shots_seed": "shots seed", "train_sizes": "learning-curve sizes", "decoding": "decoding",
