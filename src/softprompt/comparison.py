@@ -47,7 +47,8 @@ from softprompt.evaluation import (
     few_shot_baselines,
     write_eval,
 )
-from softprompt.prompt import check_hidden_size, load_prompt_tensor
+from softprompt.prefix import check_fits
+from softprompt.prompt import load_prompt_tensor
 from softprompt.report import (
     ModelComparison,
     margin_sentence,
@@ -208,7 +209,7 @@ def _soft_run(s: _Setup, seed: int, size: int | None, prompt_dir: Path, eval_dir
     """Train (or load) one soft prompt and evaluate it (or read its finished evaluation)."""
     if trained:
         prompt, meta = load_prompt_tensor(prompt_dir)
-        check_hidden_size(prompt, s.model.config.hidden_size, str(prompt_dir))
+        check_fits(prompt, s.model, str(prompt_dir))
         log, seconds = read_log(prompt_dir), meta.metrics.get("train_seconds")
     else:
         tcfg = replace(s.train_config, seed=seed, max_train_examples=size)

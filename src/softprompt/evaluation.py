@@ -30,6 +30,7 @@ from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
 from softprompt.inputs import empty_prompt, rows_loss
 from softprompt.metrics import compute_metrics, example_scores
+from softprompt.prefix import PromptLike, num_virtual_tokens
 from softprompt.tasks import (
     Example,
     Task,
@@ -47,11 +48,11 @@ SOFT = "soft prompt"  # the name of the soft prompt system in reports and metric
 
 @dataclass
 class System:
-    """What stands in front of each input: a soft prompt ``[P, H]``, or an instruction and
-    rendered demonstrations (solved training examples, few-shot)."""
+    """What stands in front of each input: a trained prompt (``[P, H]`` or a KV prefix), or
+    an instruction and rendered demonstrations (solved training examples, few-shot)."""
 
     name: str
-    prompt: torch.Tensor | None = None
+    prompt: PromptLike | None = None
     instruction: str = ""
     chat: bool = False  # wrap instruction + input as a user turn in the model's chat template
     demonstrations: list[str] = field(default_factory=list)  # few-shot: tried in this order
@@ -134,7 +135,7 @@ def _encode_shots(task: Task, examples: list[Example], tokenizer, system: System
     uncut in ``context`` positions (default ``max_length``) with ``reserve`` left free, and
     none where its input alone must be cut to ``max_length``; ``shots`` imposes the counts.
     """
-    p = system.prompt.shape[0] if system.prompt is not None else 0
+    p = num_virtual_tokens(system.prompt)
     demos = system.demonstrations
     context = max(max_length, context or max_length)
     wrap = None
@@ -176,8 +177,8 @@ def target_token_loss(model, tokenizer, task: Task, examples: list[Example], sys
                       context: int | None = None) -> float:
     """Mean cross-entropy of the reference targets (teacher-forced) behind the system (with
     ``shots[i]`` demonstrations before example ``i`` for a few-shot system)."""
-    encoded, _ = _encode_shots(task, examples, tokenizer, system, max_length, with_target=True,
-                         shots=shots, context=context)
+    encoded, _ = _encode_shots(task, examples, tokenizer, system, max_length,
+                               with_target=True, shots=shots, context=context)
     prompt = (empty_prompt(model) if system.prompt is None else system.prompt).to(model.device)
     total, count = 0.0, 0
     rows = [e.ids_and_labels() for e in encoded]
@@ -203,8 +204,9 @@ def evaluate(model, tokenizer, task: Task, records: list[dict], system: System, 
     check_count("limit", limit)
     examples = make_examples(task, records if limit is None else records[:limit])
     context = context_limit(model)
-    inputs, shots = _encode_shots(task, examples, tokenizer, system, max_length, with_target=False,
-                            reserve=gen.max_new_tokens, context=context)
+    inputs, shots = _encode_shots(task, examples, tokenizer, system, max_length,
+                                  with_target=False, reserve=gen.max_new_tokens,
+                                  context=context)
     prompt = system.prompt.to(model.device) if system.prompt is not None else None
     start = time.perf_counter()
     outputs = generate(model, tokenizer, [e.input_ids for e in inputs], prompt, gen,
