@@ -155,8 +155,8 @@ def make_plan(args) -> Plan:
     plan = _with_curve(plan)
     plan.estimate_seconds = round(sum(estimate(plan).values()))
     if plan.test_examples:
-        plan.cuts.append(f"test sets: the first {plan.test_examples} of each 200-example test "
-                         "split (the hard prompts' evaluations are a fixed cost per example)")
+        plan.cuts.append(f"test sets: the first {plan.test_examples} of each test split (the "
+                         "hard prompts' evaluations are a fixed cost per example)")
     cut = {t: (wanted[t], n) for t, n in plan.train_examples.items() if n < wanted[t]}
     if cut:
         plan.cuts.append("training sets: " + ", ".join(f"{t} {n} of the {w} wanted"
