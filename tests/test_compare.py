@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from softprompt.comparison import SOFT, compare, summary
 from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
+from softprompt.data import read_records
 from softprompt.errors import SoftPromptError
 from softprompt.stats import paired_bootstrap, rows_score
-from softprompt.tasks import get_task
+from softprompt.tasks import get_task, make_examples, render_input
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts"
 CHROMIUM = os.environ.get("SOFTPROMPT_CHROMIUM") or shutil.which("chromium") or \
@@ -68,6 +69,16 @@ def test_one_prompt_per_seed_and_the_soft_row_is_their_mean_and_std(study):
     assert set(comp.spread) == {SOFT}  # hard prompts are deterministic: no spread
     few = comp.systems["hard: ours, 2-shot"]
     assert few["shots"] == 2 and 0 <= few["shots_mean"] <= 2
+    # The demonstrations are solved training examples, never test ones.
+    task, samples = get_task("qa"), Path(__file__).resolve().parents[1] / "src/softprompt/samples"
+    solved = {f"{render_input(task, ex)} {ex.target}"
+              for ex in make_examples(task, read_records(samples / "qa" / "train.jsonl"))}
+    tests = {render_input(task, ex)
+             for ex in make_examples(task, read_records(samples / "qa" / "test.jsonl"))}
+    for row in _eval(out / "systems" / "hard_ours_2-shot")[1]:
+        demos = row["input"].split("\n", 1)[1].split("\n\n")[:-1]
+        assert len(demos) == row["shots"] and set(demos) <= solved
+        assert not any(d.rsplit(" ", 1)[0] in tests for d in demos)
     assert not (out / "prompt").exists()
 
 
@@ -162,6 +173,7 @@ def test_report_html_renders_settings_highlights_samples_and_figures(study, brow
     # Sample outputs beside the reference.
     samples = page.locator(".sample")
     assert samples.count() == 5
+    assert f"{SOFT} (seed 0)" in samples.first.inner_text()  # of the two seeds
     first = samples.first.locator("table.outputs tr")
     assert first.first.inner_text().startswith("reference")
     assert first.count() == 1 + len(comp.systems)
@@ -192,6 +204,8 @@ def test_reuse_keeps_trained_prompts_and_finished_evaluations(study, tiny_dirs, 
     assert (out / "systems" / "hard_study" / "metrics.json").is_file()  # re-run
     after = load_file(out / "prompt-seed1" / "prompt.safetensors")["prompt_embeddings"]
     assert after.equal(before)  # the finished training was kept, not redone
+    with pytest.raises(SoftPromptError, match="holds an evaluation of other test examples"):
+        _study(tiny_dirs, samples, out, reuse=True, limit=5)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -229,7 +229,7 @@ def _soft_run(s: _Setup, seed: int, size: int | None, prompt_dir: Path, eval_dir
         prompt, log = result.prompt, result.log
         seconds = result.meta.metrics.get("train_seconds")
     system = System(SOFT, prompt)
-    done = read_eval(eval_dir) if s.reuse else None
+    done = _kept_eval(s, eval_dir)
     if done is None:
         res = _run_eval(s, system, f"{SOFT} (seed {seed}, {size or 'all'} examples)")
         write_eval(eval_dir, res)
@@ -290,13 +290,25 @@ def _evaluate_systems(s: _Setup, systems: list[System], out: Path
     metrics: dict[str, dict[str, float]] = {}
     predictions: dict[str, list[dict[str, Any]]] = {}
     for system in systems:
-        done = read_eval(out / slug(system.name)) if s.reuse else None
+        done = _kept_eval(s, out / slug(system.name))
         if done is None:
             res = _run_eval(s, system, system.name)
             write_eval(out / slug(system.name), res)
             done = res.metrics, res.predictions
         metrics[system.name], predictions[system.name] = done
     return metrics, predictions
+
+
+def _kept_eval(s: _Setup, directory: Path
+               ) -> tuple[dict[str, float], list[dict[str, Any]]] | None:
+    """With ``reuse``, a finished evaluation in ``directory`` of this run's test examples."""
+    done = read_eval(directory) if s.reuse else None
+    if done is not None:
+        ids = [ex.id for ex in make_examples(s.task, s.test_records)]
+        if [r["id"] for r in done[1]] != ids:
+            raise SoftPromptError(f"{directory} holds an evaluation of other test examples "
+                                  f"than this run's; drop --reuse (or restore --limit)")
+    return done
 
 
 def _check_seeds(seeds: list[int], prompt_dir: str | None) -> list[int]:
@@ -376,7 +388,8 @@ def _settings(task: Task, paths: tuple[str | None, str | None, str],
                         "validation_metric_examples": None if val_n is None else
                         min(val_n, val_limit),
                         "test": test_n},
-        "method": getattr(tcfg, "method", "prompt"), "prompt": prompt_dir,
+        "method": getattr(tcfg, "method", getattr(pcfg, "method", "prompt")),
+        "prompt": prompt_dir,
         "num_virtual_tokens": pcfg.num_virtual_tokens, "init": pcfg.init.value,
         "epochs": tcfg.epochs, "lr": tcfg.lr, "batch_size": tcfg.batch_size,
         "max_length": tcfg.max_length, "seeds": seeds, "shots": shots,

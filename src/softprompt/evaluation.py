@@ -9,7 +9,8 @@ Few-shot prompts: K demonstrations drawn once from the training records with a f
 (:func:`few_shot_system`), the same for every test example. An example gets the most of them,
 in order, that fit beside its whole input and ``max_new_tokens`` in the model's positions; an
 input that must itself be cut to fit ``max_length`` gets none (demonstrations never push out
-the input). Each prediction row records its count (``shots``), metrics.json the mean.
+the input). Each prediction row records its count (``shots``), metrics.json the mean. With
+the chat template the whole text (instruction, demonstrations, input) is one user turn.
 """
 
 from __future__ import annotations

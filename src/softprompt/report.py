@@ -253,6 +253,11 @@ def shots_sentence(systems: dict[str, dict[str, float]]) -> list[str]:
             f"examples" for name, m in systems.items() if "shots_mean" in m]
 
 
+def _sample_name(comp: ModelComparison, name: str) -> str:
+    """A system's name beside a sample output (the soft prompt's first seed, of several)."""
+    return f"{name} (seed {comp.seeds[0]})" if name in comp.spread else name
+
+
 def _samples(comp: ModelComparison, n: int) -> list[dict[str, Any]]:
     first = next(iter(comp.predictions.values()))
     out = []
@@ -356,7 +361,7 @@ def write_report(output_dir: str | Path, task: str, comparisons: list[ModelCompa
         md += ["### Sample outputs", ""]
         for s in samples:
             md += [f"**Input:** {s['input']!r}", "", f"- reference: {s['reference']!r}"]
-            md += [f"- {name}: {s[name]!r}" for name in comp.predictions]
+            md += [f"- {_sample_name(comp, name)}: {s[name]!r}" for name in comp.predictions]
             md.append("")
         page.model(comp, rows, best, notes, margins, primary_metric, figures,
                    samples, n_samples)
@@ -462,7 +467,7 @@ class _Html:
                          f'<td>{html.escape(s["reference"])}</td><td class="score"></td></tr>']
             for name in comp.predictions:
                 score = "" if scores[name] is None else f"{metric} {scores[name]:.1f}"
-                rows_html.append(f"<tr><td>{html.escape(name)}</td>"
+                rows_html.append(f"<tr><td>{html.escape(_sample_name(comp, name))}</td>"
                                  f"<td>{html.escape(s[name])}</td>"
                                  f'<td class="score">{score}</td></tr>')
             self.parts.append(f'<div class="sample"><pre>{html.escape(s["input"])}</pre>'
