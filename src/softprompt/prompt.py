@@ -147,7 +147,13 @@ def load_meta(directory: str | Path) -> PromptMeta:
 
 
 def load_prompt_tensor(directory: str | Path) -> tuple[torch.Tensor, PromptMeta]:
-    """Load the ``[P, H]`` tensor and its meta, checking they agree."""
+    """Load the ``[P, H]`` tensor and its meta, checking they agree.
+
+    A PEFT adapter directory (``adapter_config.json``) loads too: softprompt.interop."""
+    from softprompt import interop
+
+    if interop.is_peft_adapter(directory):
+        return interop.read_adapter(directory)
     meta = load_meta(directory)
     path = Path(directory) / PROMPT_FILE
     if not path.is_file():
