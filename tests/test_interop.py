@@ -22,7 +22,15 @@ from softprompt.encode import adds_bos, encode_example
 from softprompt.errors import SoftPromptError
 from softprompt.inputs import full_logits, prompted_batch
 from softprompt.models import load_model
-from softprompt.prompt import CONFIG_FILE, PROMPT_FILE, PromptMeta, load_prompt_tensor, save_prompt
+from softprompt.prefix import KVPrefix, kv_shape
+from softprompt.prompt import (
+    CONFIG_FILE,
+    PREFIX_FILE,
+    PROMPT_FILE,
+    PromptMeta,
+    load_prompt_tensor,
+    save_prompt,
+)
 from softprompt.tasks import get_task, make_example
 
 P = 5
@@ -65,11 +73,22 @@ def assert_target_logits_close(a: torch.Tensor, b: torch.Tensor, tokenizer) -> N
     assert diff < 1e-4, diff
 
 
-def _prompt_dir(path: Path, model_dir: Path, prompt) -> Path:
+def _prompt_dir(path: Path, model_dir: Path, prompt, method: str = "prompt") -> Path:
+    """Our prompt directory holding ``prompt`` (a [P, H] tensor or a KVPrefix)."""
     meta = PromptMeta(model=str(model_dir), task=get_task("translation").to_dict(),
-                      num_virtual_tokens=prompt.shape[0], hidden_size=prompt.shape[1])
+                      num_virtual_tokens=P, method=method,
+                      hidden_size=32 if isinstance(prompt, KVPrefix) else prompt.shape[1])
+    if isinstance(prompt, KVPrefix):
+        meta.method = "prefix"
+        meta.num_layers, _, meta.num_key_value_heads, _, meta.head_dim = prompt.kv.shape
     save_prompt(path, prompt, meta)
     return path
+
+
+def _random_prefix(model, seed: int = 3) -> KVPrefix:
+    layers, heads, head_dim = kv_shape(model.config)
+    gen = torch.Generator().manual_seed(seed)
+    return KVPrefix(torch.randn(layers, 2, heads, P, head_dim, generator=gen))
 
 
 def _random_prompt(model, seed: int = 1) -> torch.Tensor:
@@ -136,16 +155,79 @@ def test_prefix_layout_is_peft_s_get_prompt(tiny, tmp_path):
 # --- export: ours -> PEFT ---------------------------------------------------------------------
 
 
-def test_exported_prompt_gives_our_logits_in_peft(tiny_dirs, tmp_path):
-    # GPT-2's tokenizer adds no BOS: our [P | tokens] is PEFT's PROMPT_TUNING layout.
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "residual"])
+def test_exported_prompt_gives_our_logits_in_peft(tiny_dirs, tmp_path, method):
+    # GPT-2's tokenizer adds no BOS: our [P | tokens] is PEFT's PROMPT_TUNING layout. The
+    # reparameterised methods are saved collapsed to [P, H], so they export the same way.
     model, tok = load_model(str(tiny_dirs["gpt2"]))
     prompt = _random_prompt(model)
-    src = _prompt_dir(tmp_path / "ours", tiny_dirs["gpt2"], prompt)
+    src = _prompt_dir(tmp_path / "ours", tiny_dirs["gpt2"], prompt, method)
     out = interop.export_peft(src, tmp_path / "peft")
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [interop.ADAPTER_CONFIG, interop.ADAPTER_WEIGHTS, CONFIG_FILE])
+    assert json.loads((out / interop.ADAPTER_CONFIG).read_text())["peft_type"] == "PROMPT_TUNING"
     pm = _peft_load(tiny_dirs["gpt2"], out)
     assert_target_logits_close(ours(model, tok, prompt), peft_logits(pm, tok), tok)
+    assert load_prompt_tensor(out)[1].method == method  # our softprompt.json rides along
+
+
+def test_exported_prefix_gives_our_logits_in_peft(tiny, tmp_path):
+    # Llama: grouped-query attention (2 key/value heads for 4 query heads) and a BOS that
+    # follows the prefix in both layouts.
+    model, tok, model_dir = tiny
+    prefix = _random_prefix(model)
+    out = interop.export_peft(_prompt_dir(tmp_path / "ours", model_dir, prefix),
+                              tmp_path / "peft")
+    config = json.loads((out / interop.ADAPTER_CONFIG).read_text())
+    assert config["peft_type"] == "PREFIX_TUNING"
+    pm = _peft_load(model_dir, out)
+    assert_target_logits_close(ours(model, tok, prefix), peft_logits(pm, tok), tok)
+
+
+def test_peft_prefix_adapter_gives_peft_s_logits_here(tiny, tmp_path):
+    model, tok, model_dir = tiny
+    base, _ = load_model(str(model_dir))
+    saved = _peft_saved(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
+                        tmp_path / "peft")
+    expected = peft_logits(_peft_load(model_dir, saved), tok)
+    direct, meta = load_prompt_tensor(saved)  # used in place, as every command does
+    assert isinstance(direct, KVPrefix) and meta.method == "prefix"
+    assert_target_logits_close(ours(model, tok, direct), expected, tok)
+    interop.import_peft(saved, tmp_path / "ours", model=str(model_dir))
+    assert (tmp_path / "ours" / PREFIX_FILE).is_file()
+    imported, _ = load_prompt_tensor(tmp_path / "ours")
+    assert torch.equal(imported.kv, direct.kv)
+
+
+def test_peft_prefix_with_projection_is_saved_projected(tiny_dirs, tmp_path):
+    # PEFT runs its prefix MLP before saving, so the adapter holds the final prefix.
+    model, tok = load_model(str(tiny_dirs["llama"]))
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                prefix_projection=True, encoder_hidden_size=16)
+    pm = get_peft_model(model, config)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    expected = peft_logits(_peft_load(tiny_dirs["llama"], tmp_path / "peft"), tok)
+    base, _ = load_model(str(tiny_dirs["llama"]))
+    prefix, _ = load_prompt_tensor(tmp_path / "peft")
+    assert_target_logits_close(ours(base, tok, prefix), expected, tok)
+
+
+def test_prefix_round_trip_is_exact(tiny_dirs, tmp_path):
+    model, _ = load_model(str(tiny_dirs["llama"]))
+    prefix = _random_prefix(model)
+    interop.export_peft(_prompt_dir(tmp_path / "ours", tiny_dirs["llama"], prefix),
+                        tmp_path / "peft")
+    interop.import_peft(tmp_path / "peft", tmp_path / "back")
+    back, meta = load_prompt_tensor(tmp_path / "back")
+    assert torch.equal(back.kv, prefix.kv) and meta.task["name"] == "translation"
+
+
+def test_prefix_export_refuses_another_model_s_shape(tiny_dirs, tmp_path):
+    gpt2, _ = load_model(str(tiny_dirs["gpt2"]))
+    src = _prompt_dir(tmp_path / "ours", tiny_dirs["gpt2"], _random_prefix(gpt2))
+    with pytest.raises(SoftPromptError, match="does not fit") as err:
+        interop.export_peft(src, tmp_path / "peft", model=str(tiny_dirs["llama"]))
+    assert "\n" not in str(err.value)
 
 
 def test_export_of_a_prompt_after_bos_is_refused(tiny_dirs, tmp_path):
@@ -268,3 +350,24 @@ def test_cli_export_and_import(tiny_dirs, tmp_path, capsys):
     assert (tmp_path / "b" / PROMPT_FILE).is_file()
     assert _cli(["import", str(tmp_path / "a"), "--output", str(tmp_path / "b")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_server_registry_and_pool_take_adapter_directories(tiny_dirs, tmp_path):
+    from softprompt.serving.registry import candidates, load_served
+
+    model, tok = load_model(str(tiny_dirs["llama"]))
+    root = tmp_path / "prompts"
+    _peft_saved(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
+                root / "peft-prefix")
+    interop.export_peft(_prompt_dir(tmp_path / "ours", tiny_dirs["llama"], _random_prefix(model)),
+                        root / "exported")
+    assert candidates(root) == ["exported", "peft-prefix"]
+    served = load_served(root, "peft-prefix")
+    assert isinstance(served.tensor, KVPrefix) and served.task.template == "{text}"
+    pool = api.load_prompts({"a": root / "peft-prefix", "b": root / "exported"},
+                            model=str(tiny_dirs["llama"]), device="cpu", dtype="float32")
+    batched = pool.generate(["A dog runs.", {"source": "Two cats."}], prompts=["a", "b"],
+                            max_new_tokens=4)
+    alone = api.load_prompt(root / "peft-prefix", device="cpu", dtype="float32").generate(
+        "A dog runs.", max_new_tokens=4)
+    assert batched[0] == alone
