@@ -371,3 +371,36 @@ def test_server_registry_and_pool_take_adapter_directories(tiny_dirs, tmp_path):
     alone = api.load_prompt(root / "peft-prefix", device="cpu", dtype="float32").generate(
         "A dog runs.", max_new_tokens=4)
     assert batched[0] == alone
+
+
+@pytest.mark.slow
+def test_bundled_model_round_trips_with_peft_logits(tmp_path):
+    # SmolLM2-135M: no BOS (a [P, H] prompt exports), grouped-query attention (3 of 9 heads).
+    from softprompt.inputs import tokens_kv
+
+    model, tok = load_model("smollm2-135m")
+    ids = tok("Translate the following sentence into German", add_special_tokens=False).input_ids
+    prompt = model.get_input_embeddings().weight[ids[:P]].detach().clone()
+    with torch.no_grad():
+        prefix = tokens_kv(model, ids[:P])
+    for kind, value in (("prompt", prompt), ("prefix", prefix)):
+        meta = PromptMeta(model="smollm2-135m", task=get_task("translation").to_dict(),
+                          num_virtual_tokens=P, hidden_size=model.config.hidden_size)
+        if kind == "prefix":
+            meta.method = "prefix"
+            meta.num_layers, _, meta.num_key_value_heads, _, meta.head_dim = value.kv.shape
+        save_prompt(tmp_path / kind, value, meta)
+        out = interop.export_peft(tmp_path / kind, tmp_path / f"{kind}-peft")
+        pm = PeftModel.from_pretrained(model, str(out)).eval()
+        assert_target_logits_close(ours(model, tok, value), peft_logits(pm, tok), tok)
+        model = pm.get_base_model()
+        back, _ = load_prompt_tensor(out)  # the adapter in place of our directory
+        assert torch.equal(back.kv if kind == "prefix" else back,
+                           value.kv if kind == "prefix" else value)
+    saved = _peft_saved(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
+                        tmp_path / "peft-saved")
+    base = PeftModel.from_pretrained(model, str(saved)).eval()
+    expected = peft_logits(base, tok)
+    interop.import_peft(saved, tmp_path / "imported", model="smollm2-135m")
+    imported, _ = load_prompt_tensor(tmp_path / "imported")
+    assert_target_logits_close(ours(base.get_base_model(), tok, imported), expected, tok)

@@ -188,6 +188,9 @@ def draw(result: PromptInspection, path: str | Path) -> None:
     ax.set_title(f"{result.method}: virtual token similarity")
     ax.set_xlabel("virtual token")
     ax.set_ylabel("virtual token")
+    if result.tokens:  # name each row by its nearest vocabulary token
+        ax.set_yticks(range(len(result.tokens)),
+                      [f"{t.index} {t.nearest[0].token!r}" for t in result.tokens])
     if result.key_norms is not None and result.value_norms is not None:
         ax = axes[0][1]
         for label, norms in (("keys", result.key_norms), ("values", result.value_norms)):
