@@ -146,12 +146,11 @@ def peft_adapter_config(peft_type: str, shape: ModelShape, num_virtual_tokens: i
 
 def is_peft_adapter(directory: str | Path) -> bool:
     """A directory holding ``adapter_config.json`` and none of our tensor files."""
-    from softprompt import prompt
+    from softprompt.prompt import PREFIX_FILE, PROMPT_FILE
 
     d = Path(directory)
-    ours = [getattr(prompt, "PROMPT_FILE", "prompt.safetensors"),
-            getattr(prompt, "PREFIX_FILE", "prefix.safetensors")]
-    return (d / ADAPTER_CONFIG).is_file() and not any((d / name).exists() for name in ours)
+    return (d / ADAPTER_CONFIG).is_file() and not any(
+        (d / name).exists() for name in (PROMPT_FILE, PREFIX_FILE))
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -332,6 +331,10 @@ def read_adapter(directory: str | Path, *, check_layout: bool = True):
         meta = _adapter_meta(d, config, weight, (layers, heads, config["token_dim"] // heads))
         return KVPrefix(prefix_from_peft(weight, layers, heads)), meta
     meta = _adapter_meta(d, config, weight, None)
+    if check_layout and not meta.model:
+        raise SoftPromptError(f"{d}: the adapter names no base model, so whether its "
+                              f"tokenizer adds BOS is unknown; convert it with `softprompt "
+                              f"import {d} --model M --output DIR` and use DIR")
     if check_layout and _adds_bos(meta.model):
         raise SoftPromptError(
             f"{d}: PEFT puts this {config['peft_type']} adapter's virtual tokens before BOS and "
@@ -405,7 +408,7 @@ def import_peft(adapter: str | Path, output: str | Path, *, model: str | None = 
     Returns the saved PromptMeta.
     """
     from softprompt import models
-    from softprompt.prompt import CONFIG_FILE, PROMPT_FILE, save_prompt
+    from softprompt.prompt import CONFIG_FILE, PREFIX_FILE, PROMPT_FILE, save_prompt
     from softprompt.tasks import Task, get_task
 
     d = Path(adapter)
@@ -415,7 +418,7 @@ def import_peft(adapter: str | Path, output: str | Path, *, model: str | None = 
     config = _read_config(d)
     weight = _read_weights(d, config)
     out = Path(output)
-    _check_output(out, overwrite, (CONFIG_FILE, PROMPT_FILE, "prefix.safetensors"))
+    _check_output(out, overwrite, (CONFIG_FILE, PROMPT_FILE, PREFIX_FILE))
     if config["peft_type"] == PREFIX_TYPE:
         prompt, meta = read_adapter(d)
     else:
