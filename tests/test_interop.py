@@ -291,6 +291,21 @@ def test_peft_prompt_tuning_before_bos_is_refused_until_imported(tiny_dirs, tmp_
         load_prompt_tensor(saved)
 
 
+def test_an_adapter_without_base_model_is_refused_in_place_but_imports(tiny_dirs, tmp_path):
+    model, _ = load_model(str(tiny_dirs["gpt2"]))
+    saved = _peft_saved(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
+                        tmp_path / "peft")
+    config = json.loads((saved / interop.ADAPTER_CONFIG).read_text())
+    (saved / interop.ADAPTER_CONFIG).write_text(json.dumps(
+        {**config, "base_model_name_or_path": None}))
+    with pytest.raises(SoftPromptError, match="names no base model.*--model M"):
+        load_prompt_tensor(saved)
+    meta = interop.import_peft(saved, tmp_path / "ours", model=str(tiny_dirs["gpt2"]))
+    assert meta.model == str(tiny_dirs["gpt2"])
+    stored, _ = interop.read_adapter(saved, check_layout=False)
+    assert torch.equal(load_prompt_tensor(tmp_path / "ours")[0], stored)
+
+
 def test_export_then_import_round_trips_tensor_and_task(tiny_dirs, tmp_path):
     model, _ = load_model(str(tiny_dirs["gpt2"]))
     prompt = _random_prompt(model)

@@ -331,11 +331,19 @@ def read_adapter(directory: str | Path, *, check_layout: bool = True):
         meta = _adapter_meta(d, config, weight, (layers, heads, config["token_dim"] // heads))
         return KVPrefix(prefix_from_peft(weight, layers, heads)), meta
     meta = _adapter_meta(d, config, weight, None)
-    if check_layout and not meta.model:
+    if not check_layout:
+        return weight, meta
+    hint = f"convert it with `softprompt import {d} --model M --output DIR` and use DIR"
+    if not meta.model:
         raise SoftPromptError(f"{d}: the adapter names no base model, so whether its "
-                              f"tokenizer adds BOS is unknown; convert it with `softprompt "
-                              f"import {d} --model M --output DIR` and use DIR")
-    if check_layout and _adds_bos(meta.model):
+                              f"tokenizer adds BOS (which decides where PEFT's virtual tokens "
+                              f"sit) is unknown; {hint}")
+    try:
+        bos = _adds_bos(meta.model)
+    except SoftPromptError as exc:
+        raise SoftPromptError(f"{d}: cannot check whether the base model's tokenizer adds BOS "
+                              f"({exc}); {hint}") from None
+    if bos:
         raise SoftPromptError(
             f"{d}: PEFT puts this {config['peft_type']} adapter's virtual tokens before BOS and "
             f"{meta.model}'s tokenizer adds BOS; convert it once with `softprompt import {d} "
