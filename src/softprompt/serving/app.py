@@ -116,6 +116,7 @@ class Server:
                               "template": task.template, "fields": task.placeholders(),
                               "stop": task.stop, "max_new_tokens": task.max_new_tokens,
                               "instruction": task.instruction,
+                              "method": served.method,
                               "num_virtual_tokens": num_virtual_tokens(served.tensor),
                               "sha256": served.key}
         return card

@@ -12,10 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from softprompt.errors import SoftPromptError
 from softprompt.interop import ADAPTER_CONFIG
+from softprompt.prefix import PromptLike
 from softprompt.prompt import CONFIG_FILE, load_prompt_tensor
 from softprompt.tasks import Task
 
@@ -24,13 +23,15 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 @dataclass
 class ServedPrompt:
-    """A prompt the server can use: its tensor ``[P, H]``, task and where it came from."""
+    """A prompt the server can use: its tensor ``[P, H]`` or KV prefix, task and where it came
+    from."""
 
     name: str
-    tensor: torch.Tensor
+    tensor: PromptLike
     task: Task
     path: Path
     key: str = ""  # the engine's cache key (sha256 of the tensor)
+    method: str = "prompt"  # the method that trained it (prompt, ptuning, residual, prefix)
 
 
 def confined(root: Path, name: str) -> Path:
@@ -52,7 +53,7 @@ def load_served(root: Path, name: str) -> ServedPrompt:
     if not any((path / f).is_file() for f in (CONFIG_FILE, ADAPTER_CONFIG)):
         raise SoftPromptError(f"prompt {name!r}: no {CONFIG_FILE} or {ADAPTER_CONFIG} in {path}")
     tensor, meta = load_prompt_tensor(path)
-    return ServedPrompt(name, tensor, Task.from_dict(meta.task), path)
+    return ServedPrompt(name, tensor, Task.from_dict(meta.task), path, method=meta.method)
 
 
 def candidates(root: Path) -> list[str]:
