@@ -419,3 +419,20 @@ def test_bundled_model_round_trips_with_peft_logits(tmp_path):
     interop.import_peft(saved, tmp_path / "imported", model="smollm2-135m")
     imported, _ = load_prompt_tensor(tmp_path / "imported")
     assert_target_logits_close(ours(base.get_base_model(), tok, imported), expected, tok)
+
+
+def test_cli_generate_and_evaluate_take_an_adapter(tiny_dirs, tmp_path, samples, capsys):
+    model, _ = load_model(str(tiny_dirs["llama"]))
+    saved = _peft_saved(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P),
+                        tmp_path / "peft")
+    assert _cli(["generate", "--prompt", str(saved), "--input", "A dog runs.",
+                 "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    said = capsys.readouterr().out.strip()
+    assert said == api.load_prompt(saved, device="cpu", dtype="float32").generate(
+        "A dog runs.", max_new_tokens=3)
+    assert _cli(["evaluate", "--prompt", str(saved), "--task", "translation", "--test",
+                 str(samples / "translation" / "test.jsonl"), "--limit", "2",
+                 "--max-new-tokens", "3", "--output", str(tmp_path / "eval"), "--quiet",
+                 "--device", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 2 and metrics["system"] == "soft prompt"
