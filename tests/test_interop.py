@@ -11,6 +11,7 @@ import torch
 from peft import (
     PeftModel,
     PrefixTuningConfig,
+    PromptEncoderConfig,
     PromptTuningConfig,
     PromptTuningInit,
     get_peft_model,
@@ -254,10 +255,15 @@ def test_export_refuses_to_overwrite_and_a_wrong_model(tiny_dirs, tmp_path):
 # --- import and direct use: PEFT -> ours ------------------------------------------------------
 
 
-def test_peft_prompt_tuning_adapter_gives_peft_s_logits_here(tiny, tmp_path):
+@pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "P_TUNING"])
+def test_peft_prompt_tuning_adapter_gives_peft_s_logits_here(tiny, tmp_path, peft_type):
+    # P_TUNING saves its encoder's output: [P, H] embeddings used exactly as PROMPT_TUNING's.
     model, tok, model_dir = tiny
-    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
-                                prompt_tuning_init=PromptTuningInit.RANDOM)
+    config = (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                 prompt_tuning_init=PromptTuningInit.RANDOM)
+              if peft_type == "PROMPT_TUNING"
+              else PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                       encoder_hidden_size=16))
     base, _ = load_model(str(model_dir))
     saved = _peft_saved(base, config, tmp_path / "peft")
     expected = peft_logits(_peft_load(model_dir, saved), tok)
