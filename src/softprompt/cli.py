@@ -356,12 +356,76 @@ def _generate_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(max_new_tokens=None)
 
 
+# --- PEFT interop and inspection (softprompt.interop, softprompt.inspection) ------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from softprompt.interop import export_peft
+
+    out = export_peft(args.directory, args.output, model=args.model, overwrite=args.overwrite)
+    kind = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))["peft_type"]
+    print(f"wrote {kind} adapter to {out}; load it with "
+          f"PeftModel.from_pretrained(base_model, {str(out)!r})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from softprompt.interop import import_peft
+
+    meta = import_peft(args.adapter, args.output, model=args.model, task=args.task,
+                       overwrite=args.overwrite)
+    print(f"saved {getattr(meta, 'method', 'prompt')} ({meta.num_virtual_tokens} virtual "
+          f"tokens, model {meta.model}) to {args.output}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from softprompt.inspection import inspect_prompt
+
+    result = inspect_prompt(args.directory, top_k=args.top_k, model=args.model, plot=args.plot)
+    print(json.dumps(result.to_dict(), ensure_ascii=False) if args.json else result.format())
+    return 0
+
+
+def _export_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", metavar="DIR", help="a trained prompt directory")
+    p.add_argument("--format", choices=["peft"], required=True,
+                   help="peft: adapter_config.json + adapter_model.safetensors (PEFT 0.21)")
+    p.add_argument("--output", required=True, help="the adapter directory to write")
+    p.add_argument("--model", default=None, help="override the model recorded with the prompt")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter in --output")
+
+
+def _import_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", metavar="ADAPTER", help="a PEFT PROMPT_TUNING, P_TUNING or "
+                   "PREFIX_TUNING adapter directory")
+    p.add_argument("--output", required=True, help="the prompt directory to write")
+    p.add_argument("--model", default=None,
+                   help="override the adapter's base_model_name_or_path")
+    p.add_argument("--task", default=None, help="task recorded with the prompt (summarization, "
+                   "qa, translation or a YAML file; default: the plain {text} task)")
+    p.add_argument("--overwrite", action="store_true", help="replace a prompt in --output")
+
+
+def _inspect_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", metavar="DIR", help="a trained prompt or PEFT adapter directory")
+    p.add_argument("--top-k", type=int, default=5,
+                   help="nearest vocabulary tokens per virtual token (default: 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="write a PNG: similarity heat map (and per-layer norms for a prefix)")
+    p.add_argument("--model", default=None, help="override the model recorded with the prompt")
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (_train_parser, cmd_train, "train a soft prompt"),
     "generate": (_generate_parser, cmd_generate, "generate with a trained prompt"),
     "evaluate": (_evaluate_parser, cmd_evaluate, "score a soft or hard prompt on a test set"),
     "compare": (_compare_parser, cmd_compare, "soft vs hard prompts, with a report"),
     "serve": (_serve_parser, cmd_serve, "serve many prompts over an OpenAI-compatible API"),
+    "export": (_export_parser, cmd_export, "write a prompt as a PEFT adapter"),
+    "import": (_import_parser, cmd_import, "convert a PEFT adapter into a prompt directory"),
+    "inspect": (_inspect_parser, cmd_inspect, "nearest tokens, norms and plots of a prompt"),
 }
 
 
