@@ -135,3 +135,22 @@ def test_cli_evaluate_hard_with_shots(tiny_dirs, samples, tmp_path, capsys):
     assert _cli([*common, "--no-instruction", "--shots", "-1", "--train", train, "--output",
                  str(tmp_path / "f")]) == 2
     assert "--shots and --shots-seed must be zero or positive" in capsys.readouterr().err
+
+
+def test_with_the_chat_template_the_whole_few_shot_text_is_one_user_turn(tiny, samples):
+    _, tok, _ = tiny
+    tok.chat_template = ("{% for m in messages %}<s>user: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    task = get_task("translation")
+    train, test = _records(samples, "translation", "train"), _records(samples, "translation",
+                                                                       "test", limit=2)
+    system = few_shot_system(task, "chat", train, 2, seed=1, instruction="Translate.",
+                             chat=True)
+    d1, d2 = system.demonstrations
+    encoded, counts = _encode_shots(task, make_examples(task, test), tok, system, 512,
+                                    with_target=False)
+    assert counts == [2, 2]
+    for ex, enc in zip(make_examples(task, test), encoded):
+        text = (f"<s>user: Translate.\n{d1}\n\n{d2}\n\n{render_input(task, ex)}</s>"
+                "<s>assistant:")
+        assert enc.input_ids == tok(text, add_special_tokens=False).input_ids
