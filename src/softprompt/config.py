@@ -281,6 +281,11 @@ class GenerationConfig:
             raise SoftPromptError(f"--top-p must be in (0, 1], got {self.top_p!r}")
 
 
+def resolved_lr(train: TrainConfig, prompt: PromptConfig) -> float:
+    """The peak learning rate a run uses: ``--lr``, or the default of its ``--method``."""
+    return train.lr if train.lr is not None else DEFAULT_LR[prompt.method]
+
+
 def field_names(cls: type) -> list[str]:
     """The field names of a config dataclass, in declaration order."""
     return [f.name for f in fields(cls)]

@@ -43,12 +43,12 @@ from softprompt import atomic, checkpoint, methods
 from softprompt.batching import length_sorted_batches, step_order
 from softprompt.checkpoint import Best, EpochStats, GlobalBatch, TrainState
 from softprompt.config import (
-    DEFAULT_LR,
     GenerationConfig,
     Method,
     PromptConfig,
     Scheduler,
     TrainConfig,
+    resolved_lr,
 )
 from softprompt.distributed import all_reduce_sum, distributed_state, same_count, shard_layers
 from softprompt.encode import IGNORE_INDEX, EncodedDataset, adds_bos, encode_dataset
@@ -220,9 +220,7 @@ def check_flags(config: TrainConfig, prompt_config: PromptConfig, task: Task,
         # The recomputed forward would append to the prefix's cache a second time.
         raise SoftPromptError("--gradient-checkpointing does not work with --method prefix "
                               "yet; drop it (or use --bf16 to save memory)")
-    if config.lr is None:
-        config = replace(config, lr=DEFAULT_LR[prompt_config.method])
-    return config
+    return replace(config, lr=resolved_lr(config, prompt_config))
 
 
 def _report_cuts(run: Run, name: str, data: EncodedDataset | None) -> None:
