@@ -22,7 +22,14 @@ class PromptInit(str, enum.Enum):
     RANDOM = "random"  # uniform, scaled to the embedding table's std
 
 
-class Method(str, enum.Enum):
+class _Choice(str, enum.Enum):
+    """A flag's choices; ``str()`` and f-strings give the value, as typed on the command line."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Method(_Choice):
     """What is trained (softprompt/methods/); each saves a ``[P, H]`` prompt or a KV prefix."""
 
     PROMPT = "prompt"  # the [P, H] input embeddings themselves (Lester et al. 2021)
@@ -31,14 +38,14 @@ class Method(str, enum.Enum):
     PREFIX = "prefix"  # a key/value prefix in every layer (Li & Liang 2021)
 
 
-class Encoder(str, enum.Enum):
+class Encoder(_Choice):
     """P-tuning's prompt encoder."""
 
     MLP = "mlp"  # Linear-ReLU-Linear-ReLU-Linear
     LSTM = "lstm"  # a 2-layer bidirectional LSTM, then Linear-ReLU-Linear
 
 
-class PrefixInit(str, enum.Enum):
+class PrefixInit(_Choice):
     """How a KV prefix starts out."""
 
     TEXT = "text"  # the keys/values of --init-text (one forward pass), repeated or cut to P
@@ -53,7 +60,7 @@ DEFAULT_LR = {Method.PROMPT: 0.03, Method.PTUNING: 0.003, Method.RESIDUAL: 0.03,
               Method.PREFIX: 0.01}
 
 
-class Scheduler(str, enum.Enum):
+class Scheduler(_Choice):
     """The learning rate after warm-up."""
 
     LINEAR = "linear"  # linear decay to zero at the last step
