@@ -217,7 +217,8 @@ def check_flags(config: TrainConfig, prompt_config: PromptConfig, task: Task,
         if given and not validation:
             raise SoftPromptError(f"{flag} needs validation data; give --validation PATH")
     if config.gradient_checkpointing and prompt_config.method is Method.PREFIX:
-        # The recomputed forward would append to the prefix's cache a second time.
+        # transformers' checkpointed layers drop the past cache (a recompute would append to
+        # it twice), so the prefix would vanish from every layer.
         raise SoftPromptError("--gradient-checkpointing does not work with --method prefix "
                               "yet; drop it (or use --bf16 to save memory)")
     return replace(config, lr=resolved_lr(config, prompt_config))
