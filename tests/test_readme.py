@@ -66,7 +66,8 @@ def _command_lines() -> list[list[str]]:
 def test_every_softprompt_command_line_in_the_readme_parses():
     commands = _command_lines()
     assert len(commands) >= 12, commands  # the quickstart, resuming, processes, errors
-    assert {c[0] for c in commands} == {"train", "generate", "evaluate", "compare", "serve"}
+    assert {c[0] for c in commands} == {"train", "generate", "evaluate", "compare", "serve",
+                                        "export", "import", "inspect"}
     parser = build_parser()
     for words in commands:
         args = parser.parse_args(words)  # argparse exits (code 2) on a flag that is gone
@@ -119,7 +120,7 @@ def test_python_blocks_run(tiny_dirs, tmp_path, monkeypatch, capsys):
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
     # (split on newlines alone: a tiny model's output may hold other line-breaking characters)
     printed = capsys.readouterr().out.rstrip("\n").split("\n")
-    assert len(printed) == 7, [line[:60] for line in printed]
+    assert len(printed) == 8, [line[:60] for line in printed]
     runs = tmp_path / "runs"
     meta = json.loads((runs / "de-py" / "softprompt.json").read_text())
     assert meta["model"] == "smollm2-135m" and meta["num_virtual_tokens"] == 20
@@ -135,7 +136,11 @@ def test_python_blocks_run(tiny_dirs, tmp_path, monkeypatch, capsys):
                                      repetition_penalty=1.2, no_repeat_ngram_size=3,
                                      min_new_tokens=2)
     assert printed[6] == str(pm.generate(["A dog runs.", "Two cats sleep."]))
-    assert sorted(p.name for p in runs.iterdir()) == ["de-py", "de-py-cmp", "de-py-eval"]
+    # PEFT, given the exported adapter, picks the tokens we pick (the Interop block).
+    alone = pm.generate("A dog is running on the beach.", max_new_tokens=12)
+    assert printed[7] == alone
+    assert sorted(p.name for p in runs.iterdir()) == ["de-py", "de-py-cmp", "de-py-eval",
+                                                      "de-py-peft"]
 
 
 @pytest.mark.parametrize("name", ["train", "evaluate", "compare", "generate", "load_prompt"])

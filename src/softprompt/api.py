@@ -59,7 +59,9 @@ def train(task: str | Task, train: str | Path, output: str | Path, *,
           overwrite: bool = False, resume: bool = False, progress: bool = True,
           device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
           loaded: tuple[Any, Any] | None = None, **options: Any) -> TrainResult:
-    """Train a soft prompt; ``options`` are PromptConfig/TrainConfig fields (``epochs=3`` ...).
+    """Train a soft prompt; ``options`` are PromptConfig/TrainConfig fields (``epochs=3`` ...),
+    among them the method and its options (``method="prefix"``, ``prefix_projection=True``,
+    ``encoder="lstm"``, ``init_from="runs/x"``; see softprompt.methods).
 
     ``device``/``dtype`` place the frozen model (``auto``: see :func:`models.resolve_device`
     and :func:`models.resolve_dtype`); the prompt itself is always float32. ``loaded`` passes
@@ -78,6 +80,10 @@ def train(task: str | Task, train: str | Path, output: str | Path, *,
             make_example(task_obj, rec, i)
     atomic.check_writable(output)
     check_output_dir(output, overwrite, resume)
+    if pcfg.init_from:
+        from softprompt.methods import check_init_from
+
+        check_init_from(pcfg, model)
     if loaded is None:
         from softprompt.distributed import distributed_state
 
@@ -98,7 +104,8 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
              test_split: str = "test", limit: int | None = None, max_length: int = 1024,
              overwrite: bool = False, progress: bool = False,
              device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-             loaded: tuple[Any, Any] | None = None,
+             loaded: tuple[Any, Any] | None = None, shots: int = 0, shots_seed: int = 0,
+             train: str | Path | None = None, train_split: str = "train",
              **options: Any) -> evaluation.EvalResult:
     """Score one system on a test set: a trained ``prompt`` directory, a ``hard``
     instruction, or (neither) the bare template.
@@ -106,10 +113,21 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
     ``task`` defaults to the prompt's; ``model`` to the prompt's or the bundled model;
     ``options`` are GenerationConfig fields (``max_new_tokens`` and the decoding controls
     default to the task's: ``Task.generation_defaults``).
+    ``shots`` > 0 puts that many solved examples from ``train`` (drawn with ``shots_seed``)
+    before each input of a hard prompt (few-shot; see :mod:`softprompt.evaluation`).
     With ``output``, writes ``predictions.jsonl`` and ``metrics.json`` there.
     """
     if prompt is not None and hard is not None:
         raise SoftPromptError("give at most one of --prompt DIR and --hard TEXT")
+    if shots < 0 or shots_seed < 0:
+        raise SoftPromptError(f"--shots and --shots-seed must be zero or positive, got "
+                              f"{shots!r} and {shots_seed!r}")
+    if shots and prompt is not None:
+        raise SoftPromptError("--shots puts demonstrations before a hard prompt; drop it with "
+                              "--prompt")
+    if shots and train is None:
+        raise SoftPromptError("--shots K draws its demonstrations from the training data; "
+                              "give --train PATH")
     check_count("--limit", limit)
     check_count("--max-length", max_length)
     torch_device = models.resolve_device(device)
@@ -135,6 +153,10 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
     gen = GenerationConfig(**{**task_obj.generation_defaults(), **options})
     records = read_records(test, test_split, limit=limit)
     make_examples(task_obj, records)  # bad records answer before the model load
+    if shots:  # demonstrations from the training split only; the chat-template hook: chat=
+        system = evaluation.few_shot_system(
+            task_obj, f"{system.name}, {shots}-shot", read_records(train, train_split), shots,
+            shots_seed, system.instruction, chat=system.chat)
     lm, tokenizer = loaded or models.load_model(model_name, dtype=torch_dtype,
                                                 device=torch_device)
     if tensor is not None:
@@ -154,15 +176,21 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
             test_split: str = "test", limit: int | None = None, val_limit: int = 20,
             max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
             eval_batch_size: int = 16, eval_seed: int = 0,
+            shots: Sequence[int] | None = None, shots_seed: int = 0,
+            seeds: Sequence[int] | None = None, train_sizes: Sequence[int] = (),
             overwrite: bool = False, reuse: bool = False, progress: bool = True,
             device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
             **options: Any) -> list[ModelComparison]:
     """Soft prompt vs hard prompts on one test set, per model; writes the report to ``output``.
 
     ``options`` are PromptConfig/TrainConfig fields for training the soft prompt (``epochs``,
-    ``batch_size``, ...), and the decoding controls of GenerationConfig
-    (``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``, ``num_beams``;
-    default: the task's); generation has its own ``eval_batch_size`` and ``eval_seed``.
+    ``batch_size``, ``method``, ...), and the decoding controls of GenerationConfig
+    (``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``,
+    ``penalize_output_only``, ``num_beams``; default: the task's); generation has its own
+    ``eval_batch_size`` and ``eval_seed``. ``shots``: the K of the hard baselines (default
+    ``(0, 3)`` with ``train``, else ``(0,)``), demonstrations drawn from ``train`` with
+    ``shots_seed``; ``seeds``: one soft prompt per seed (mean ± std, default the ``seed``
+    option); ``train_sizes``: the learning curve.
     """
     from softprompt import comparison
 
@@ -185,6 +213,8 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
         model_names=[m for m in names if m], splits=(train_split, validation_split, test_split),
         limit=limit, val_limit=val_limit, generation=gen,
         prompt_config=PromptConfig(**prompt_opts), train_config=TrainConfig(**train_opts),
+        shots=None if shots is None else list(shots), shots_seed=shots_seed,
+        seeds=None if seeds is None else list(seeds), train_sizes=list(train_sizes),
         overwrite=overwrite, reuse=reuse, progress=progress, device=device, dtype=dtype)
 
 
