@@ -554,7 +554,7 @@ def test_compare_generation_has_its_own_batch_size_and_seed(cli, capfd, tmp_path
     assert run.returncode == 0, str(run)
     recorded = json.loads((out / "comparison.json").read_text())["generation"]
     assert recorded == {"max_new_tokens": 2, "temperature": 0.0, "top_p": 1.0,
-                        "batch_size": 5, "seed": 3, "repetition_penalty": 1.0,
+                        "batch_size": 5, "seed": 3, "repetition_penalty": 1.2,  # the preset's
                         "no_repeat_ngram_size": 0, "min_new_tokens": 0,
                         "penalize_output_only": False, "num_beams": 1}
 

@@ -92,27 +92,25 @@ def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, n: int) -> 
     return scores.masked_fill(banned[:, :vocab], float("-inf"))
 
 
-def forbid_eos(scores: torch.Tensor, new_tokens: torch.Tensor | int, min_new_tokens: int,
+def forbid_eos(scores: torch.Tensor, new_tokens: int, min_new_tokens: int,
                eos: int | None) -> torch.Tensor:
-    """``-inf`` on EOS for rows with fewer than ``min_new_tokens`` new tokens (``[N]`` or one
-    count for all)."""
-    if eos is None or min_new_tokens <= 0:
+    """``-inf`` on EOS while the rows (all with ``new_tokens`` new tokens: a batch decodes in
+    step) have fewer than ``min_new_tokens``."""
+    if eos is None or new_tokens >= min_new_tokens:
         return scores
-    short = torch.as_tensor(new_tokens, device=scores.device) < min_new_tokens
-    if short.dim() == 0:
-        short = short.expand(scores.shape[0])
     scores = scores.clone()
-    scores[short, eos] = float("-inf")
+    scores[:, eos] = float("-inf")
     return scores
 
 
 def apply_controls(scores: torch.Tensor, history: torch.Tensor | None,
-                   new_tokens: torch.Tensor | int, settings: DecodingControls,
+                   new_tokens: int, settings: DecodingControls,
                    eos: int | None) -> torch.Tensor:
     """Every active control, in transformers' order, on float32 ``[N, V]`` scores.
 
     ``history`` ``[N, L]``: each row's input ids and generated ids (None: no control that
-    reads it is active); ``new_tokens``: each row's count of generated tokens.
+    reads it is active); ``new_tokens``: the rows' count of generated tokens (the same for
+    all: greedy, sampled and beam rows all decode in step).
     """
     scores = scores.float()
     if settings.repetition_penalty != 1.0:

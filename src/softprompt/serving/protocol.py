@@ -33,14 +33,15 @@ class SamplingFields(BaseModel):
     # Decoding controls (not OpenAI's; OpenAI clients send them in extra_body, as for vLLM).
     # Unset, a prompt's task settings apply (see softprompt.tasks), else off.
     repetition_penalty: float | None = Field(
-        default=None, gt=0, le=10, description="Above 1 penalises tokens already in the input "
+        default=None, ge=0.01, le=10, description="Above 1 penalises tokens already in the input "
         "or output (transformers' semantics; 1: off).")
     no_repeat_ngram_size: int | None = Field(
         default=None, ge=0, le=64, description="Never repeat an n-gram of this size from the "
         "input or output (0: off).")
-    min_tokens: int | None = Field(default=None, ge=0, description="No EOS before this many "
-                                   "tokens (vLLM's name; stop strings still end the output).")
-    min_new_tokens: int | None = Field(default=None, ge=0,
+    min_tokens: int | None = Field(
+        default=None, ge=0, le=100_000, description="No EOS before this many tokens (vLLM's "
+        "name; stop strings still end the output).")
+    min_new_tokens: int | None = Field(default=None, ge=0, le=100_000,
                                        description="The same as min_tokens (transformers' name).")
     penalize_output_only: bool | None = Field(
         default=None, description="repetition_penalty and no_repeat_ngram_size weigh the "
