@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
             prompt_config: PromptConfig | None = None, train_config: TrainConfig | None = None,
             overwrite: bool = False, reuse: bool = False, progress: bool = True,
             device: str | torch.device = "auto",
-            dtype: str | torch.dtype = "auto") -> list[ModelComparison]:
+            dtype: str | torch.dtype = "auto", precision: str = "auto") -> list[ModelComparison]:
     """Train (or load) a soft prompt per model and compare it with hard-prompt baselines.
 
     ``splits`` are the (train, validation, test) splits of ``hf:`` sources. ``reuse`` keeps
@@ -62,7 +62,12 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
     check_count("--val-limit", val_limit, zero="none")
     atomic.check_writable(out)
     torch_device = models.resolve_device(device)
-    torch_dtype = models.resolve_dtype(dtype, torch_device)
+    tcfg = train_config or TrainConfig()
+    # Trained here: the training rule (float32 weights under bfloat16 autocast on a CPU),
+    # and the evaluations run under the same autocast.
+    prec = models.resolve_precision(precision, dtype, torch_device,
+                                    training=prompt_dir is None, bf16=tcfg.bf16)
+    tcfg = replace(tcfg, bf16=prec.name == "bf16")
     if prompt_dir is None and train_path is None:
         raise SoftPromptError("give --train PATH to train a soft prompt, or --prompt DIR")
     model_names = model_names or [models.DEFAULT_MODEL]
@@ -71,10 +76,9 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
     train_records, val_records, test_records = _read_data(
         task, (train_path, validation_path, test_path), splits, limit)
     gen = generation or GenerationConfig(max_new_tokens=task.max_new_tokens)
-    tcfg = train_config or TrainConfig()
     comparisons = []
     for name in model_names:
-        model, tokenizer = models.load_model(name, dtype=torch_dtype, device=torch_device)
+        model, tokenizer = models.load_model(name, dtype=prec.weights, device=torch_device)
         model_out = out / slug(name) if len(model_names) > 1 else out
         log: list[dict[str, Any]] = []
         train_seconds = None
@@ -86,8 +90,10 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
         else:
             def val_metric(epoch: int, tensor, model=model,
                            tokenizer=tokenizer) -> dict[str, float]:
-                res = evaluate(model, tokenizer, task, val_records[:val_limit],
-                               System(SOFT, tensor), generation=gen, max_length=tcfg.max_length)
+                with prec.context(torch_device):
+                    res = evaluate(model, tokenizer, task, val_records[:val_limit],
+                                   System(SOFT, tensor), generation=gen,
+                                   max_length=tcfg.max_length)
                 return {f"val_{task.primary_metric}": res.metrics[task.primary_metric]}
 
             result = train(model, tokenizer, task, train_records, model_out / "prompt",
@@ -97,11 +103,13 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
                            on_epoch_end=val_metric if val_records and val_limit else None)
             prompt, log = result.prompt, result.log
             train_seconds = result.meta.metrics.get("train_seconds")
-        chat = bool(getattr(tokenizer, "chat_template", None))
+        # A chat-template task wraps every system already: no separate chat baseline.
+        chat = bool(getattr(tokenizer, "chat_template", None)) and not task.chat_template
         systems = [System(SOFT, prompt)] + baselines(task, hard, chat=chat)
-        metrics, predictions = _evaluate_systems(
-            model, tokenizer, task, systems, test_records, model_out / "systems", name,
-            generation=gen, max_length=tcfg.max_length, reuse=reuse, progress=progress)
+        with prec.context(torch_device):
+            metrics, predictions = _evaluate_systems(
+                model, tokenizer, task, systems, test_records, model_out / "systems", name,
+                generation=gen, max_length=tcfg.max_length, reuse=reuse, progress=progress)
         comparisons.append(ModelComparison(name, models.num_parameters(model), metrics,
                                            predictions, log, train_seconds))
     write_report(out, task.name, comparisons, task.primary_metric)

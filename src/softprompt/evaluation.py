@@ -78,16 +78,11 @@ def _encode(task: Task, examples: list[Example], tokenizer, system: System, max_
             with_target: bool, reserve: int = 0):
     """Token ids per example (the truncate field cut to fit), or an error if one cannot fit."""
     p = system.prompt.shape[0] if system.prompt is not None else 0
-    wrap = None
-    if system.chat:
-        def wrap(text: str) -> str:
-            return tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 tokenize=False, add_generation_prompt=True)
     encoded = []
     for ex in examples:
         enc = encode_example(task, ex, tokenizer, instruction=system.instruction,
                              num_virtual_tokens=p + reserve, max_length=max_length,
-                             with_target=with_target, wrap=wrap)
+                             with_target=with_target, chat=system.chat)
         if enc is None:
             raise SoftPromptError(f"example {ex.id}: does not fit in --max-length {max_length}; "
                                   f"raise it")
