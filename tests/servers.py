@@ -12,6 +12,7 @@ import torch
 
 from softprompt.config import GenerationConfig
 from softprompt.generation import generate
+from softprompt.prefix import KVPrefix
 from softprompt.prompt import PromptMeta, save_prompt
 from softprompt.serving.app import Server, create_app
 from softprompt.tasks import get_task, make_example, render_input
@@ -32,9 +33,20 @@ def make_responsive(model) -> None:
                 p.mul_(10)
 
 
-def write_prompts(root: Path, hidden: int) -> dict[str, tuple[torch.Tensor, object]]:
-    """Four prompts (three translation prompts of 3, 5 and 8 tokens, one QA prompt of 4)."""
-    made = {}
+def write_prompts(root: Path, hidden: int,
+                  kv: tuple[int, int, int] | None = None) -> dict[str, tuple[object, object]]:
+    """Four prompts (three translation prompts of 3, 5 and 8 tokens, one QA prompt of 4) and,
+    given the model's ``kv`` cache shape (layers, kv heads, head dim), a translation KV prefix
+    of 6 slots (prefix tuning's kind), ``kv6``."""
+    made: dict[str, tuple[object, object]] = {}
+    if kv is not None:
+        layers, kv_heads, head_dim = kv
+        prefix = KVPrefix(torch.randn(layers, 2, kv_heads, 6, head_dim,
+                                      generator=torch.Generator().manual_seed(6)) * 2)
+        save_prompt(root / "kv6", prefix, PromptMeta(
+            model="tiny", task=TRANSLATION.to_dict(), num_virtual_tokens=6, hidden_size=hidden,
+            method="prefix", num_layers=layers, num_key_value_heads=kv_heads, head_dim=head_dim))
+        made["kv6"] = (prefix, TRANSLATION)
     for name, p, task in (("de3", 3, TRANSLATION), ("de5", 5, TRANSLATION),
                           ("de8", 8, TRANSLATION), ("qa4", 4, QA)):
         tensor = torch.randn(p, hidden, generator=torch.Generator().manual_seed(p)) * 0.7

@@ -9,7 +9,7 @@ from softprompt.config import GenerationConfig
 from softprompt.engine import Engine, PrefixCache, SamplingParams, prompt_key
 from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
-from softprompt.inputs import build_prompt_cache
+from softprompt.inputs import build_prompt_cache, tokens_kv
 
 TEXTS = ["A dog runs on the beach.", "Two children play football in a park near the river.",
          "Rain.", "A man in a red shirt reads a newspaper on a bench.", "Cats sleep.",
@@ -204,6 +204,9 @@ def test_bundled_model_mixed_batch_equals_each_request_alone():
                                (7, "Translate the English sentence into German, please."),
                                (11, "You translate English sentences into German. Reply with "
                                     "the German sentence only."))}
+    # And a KV prefix (prefix tuning's kind of prompt), the keys/values of an instruction.
+    prompts["kv"] = tokens_kv(model, tok("Translate English to German.",
+                                         add_special_tokens=False).input_ids)
     engine = Engine(model, tok, max_batch_size=8)
     for name, tensor in prompts.items():
         engine.add_prompt(name, tensor)
@@ -211,8 +214,8 @@ def test_bundled_model_mixed_batch_equals_each_request_alone():
                "The woman is reading a book.", "It is raining in the city."]
     texts = [render_input(task, make_example(task, {"source": s, "target": "-"}))
              for s in sources]
-    names = ["p4", "p7", "p11", None]
-    jobs = [(texts[i % 4], names[(i + i // 4) % 4]) for i in range(8)]
+    names = ["p4", "p7", "p11", "kv", None]
+    jobs = [(texts[i % 4], names[(i + i // 4) % 5]) for i in range(10)]
     params = SamplingParams(max_new_tokens=12, stop=["\n"])
     outs = engine.generate([t for t, _ in jobs], [n for _, n in jobs], params)
     expected = [_alone(model, tok, t, None if n is None else prompts[n], 12, stop="\n")

@@ -29,6 +29,7 @@ from softprompt.config import GenerationConfig
 from softprompt.engine import Engine
 from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
+from softprompt.prefix import kv_shape
 from softprompt.prompt import PromptMeta, save_prompt
 from softprompt.serving.app import Server, ServerConfig, create_app
 from softprompt.serving.registry import confined
@@ -37,11 +38,12 @@ from softprompt.tasks import make_example, render_input
 
 @pytest.fixture
 def served(tiny, tmp_path):
-    """``(server, prompts, model, tokenizer)`` with four prompts under tmp_path/prompts."""
+    """``(server, prompts, model, tokenizer)`` with four [P, H] prompts and a KV prefix under
+    tmp_path/prompts."""
     model, tok, _ = tiny
     make_responsive(model)
     root = tmp_path / "prompts"
-    prompts = write_prompts(root, model.config.hidden_size)
+    prompts = write_prompts(root, model.config.hidden_size, kv_shape(model.config))
     server = Server(Engine(model, tok, max_batch_size=16),
                     ServerConfig(root, BASE, max_new_tokens_limit=64))
     server.load_all()
@@ -54,7 +56,7 @@ def test_openai_client_models_completions_chat_and_streaming(served):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
                                timeout=30)
         ids = [m.id for m in client.models.list().data]
-        assert ids == [BASE, "de3", "de5", "de8", "qa4"]
+        assert ids == [BASE, "de3", "de5", "de8", "kv6", "qa4"]
         tensor, task = prompts["de5"]
         want = expected_output(model, tok, tensor, task, {"source": SOURCES[0]}, 12)
         done = client.completions.create(model="de5", prompt=SOURCES[0], max_tokens=12)
@@ -84,6 +86,11 @@ def test_openai_client_models_completions_chat_and_streaming(served):
         qa_tensor, _ = prompts["qa4"]
         got = client.completions.create(model="qa4", prompt=json.dumps(record), max_tokens=8)
         assert got.choices[0].text == expected_output(model, tok, qa_tensor, QA, record, 8)
+        # A prefix-tuned prompt (a KV prefix) serves like any other.
+        kv_prefix, _ = prompts["kv6"]
+        got = client.completions.create(model="kv6", prompt=SOURCES[1], max_tokens=10)
+        assert got.choices[0].text == expected_output(model, tok, kv_prefix, TRANSLATION,
+                                                      {"source": SOURCES[1]}, 10)
         # The base model takes raw text.
         raw = "English: Rain.\nGerman:"
         base = client.completions.create(model=BASE, prompt=raw, max_tokens=6)
@@ -101,7 +108,7 @@ def test_api_key_guards_every_route_but_health(served):
         assert err.value.status_code == 401
         assert err.value.body["code"] == "invalid_api_key"
         good = openai.OpenAI(base_url=url + "/v1", api_key="sekrit", max_retries=0, timeout=30)
-        assert len(good.models.list().data) == 5
+        assert len(good.models.list().data) == 6
         with httpx.Client(base_url=url, timeout=30) as http:
             assert http.get("/health").status_code == 200
             assert http.get("/metrics").status_code == 401

@@ -21,7 +21,8 @@ from softprompt.config import GenerationConfig, PromptConfig, TrainConfig, check
 from softprompt.data import read_records
 from softprompt.encode import context_limit, encode_for_generation
 from softprompt.errors import SoftPromptError
-from softprompt.prompt import check_hidden_size, load_prompt_tensor
+from softprompt.prefix import check_fits, num_virtual_tokens
+from softprompt.prompt import load_prompt_tensor
 from softprompt.tasks import (
     Task,
     get_task,
@@ -152,7 +153,7 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
     lm, tokenizer = loaded or models.load_model(model_name, dtype=torch_dtype,
                                                 device=torch_device)
     if tensor is not None:
-        check_hidden_size(tensor, lm.config.hidden_size, str(prompt))
+        check_fits(tensor, lm, str(prompt))
     with prec.context(lm.device):
         result = evaluation.evaluate(lm, tokenizer, task_obj, records, system, generation=gen,
                                      max_length=max_length, progress=progress)
@@ -228,7 +229,7 @@ class PromptedModel:
         progress = opts.pop("progress", False)
         cfg = GenerationConfig(**opts)
         ids = [encode_for_generation(self.task, input_example(self.task, x, i), self.tokenizer,
-                                     num_virtual_tokens=self.prompt.shape[0],
+                                     num_virtual_tokens=num_virtual_tokens(self.prompt),
                                      max_new_tokens=cfg.max_new_tokens,
                                      max_length=context_limit(self.model))
                for i, x in enumerate(items)]
@@ -254,8 +255,7 @@ def load_prompt(directory: str | Path, model: str | None = None, *,
     task = _chat(Task.from_dict(meta.task), chat_template)
     name = model or meta.model
     lm, tokenizer = loaded or models.load_model(name, dtype=torch_dtype, device=torch_device)
-    check_hidden_size(tensor, lm.get_input_embeddings().weight.shape[1],
-                      str(Path(directory) / "prompt.safetensors"))
+    check_fits(tensor, lm, str(directory))
     return PromptedModel(lm, tokenizer, tensor.to(lm.device), task, name, prec)
 
 
@@ -292,8 +292,7 @@ class PromptPool:
     def add(self, name: str, directory: str | Path) -> None:
         """Load the prompt directory ``directory`` under ``name``."""
         tensor, meta = load_prompt_tensor(directory)
-        check_hidden_size(tensor, self.model.get_input_embeddings().weight.shape[1],
-                          str(Path(directory) / "prompt.safetensors"))
+        check_fits(tensor, self.model, str(directory))
         self.engine.add_prompt(name, tensor)
         self.tasks[name] = Task.from_dict(meta.task)
 

@@ -28,7 +28,8 @@ from softprompt.evaluation import (
     evaluate,
     write_eval,
 )
-from softprompt.prompt import check_hidden_size, load_prompt_tensor
+from softprompt.prefix import check_fits
+from softprompt.prompt import load_prompt_tensor
 from softprompt.report import ModelComparison, markdown_table, metrics_table, write_report
 from softprompt.tasks import Task, make_examples
 from softprompt.training import LOG_FILE, train
@@ -84,7 +85,7 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
         train_seconds = None
         if prompt_dir is not None:
             prompt, meta = load_prompt_tensor(prompt_dir)
-            check_hidden_size(prompt, model.config.hidden_size, prompt_dir)
+            check_fits(prompt, model, prompt_dir)
             log = read_log(Path(prompt_dir))
             train_seconds = meta.metrics.get("train_seconds")
         else:

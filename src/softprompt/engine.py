@@ -25,7 +25,6 @@ streams; :meth:`Engine.generate` is the plain Python entry point.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 import time
@@ -48,17 +47,18 @@ from softprompt.inputs import (
     left_pad_mask,
     reserved_cache,
 )
-from softprompt.prompt import check_hidden_size
+from softprompt.prefix import (
+    KVPrefix,
+    PromptLike,
+    check_fits,
+    content_key,
+    num_virtual_tokens,
+)
 
 __all__ = ["Engine", "Handle", "Completion", "PrefixCache", "prompt_key", "SamplingParams"]
 
 
-def prompt_key(tensor: torch.Tensor) -> str:
-    """sha256 of a prompt tensor's float32 bytes and shape: the prefix cache's key."""
-    t = tensor.detach().to("cpu", torch.float32).contiguous()
-    h = hashlib.sha256(str(list(t.shape)).encode())
-    h.update(t.numpy().tobytes())
-    return h.hexdigest()
+prompt_key = content_key  # the prefix cache's key: sha256 of the prompt's kind, shape, bytes
 
 
 def _prefix_bytes(prefix: PromptCache) -> int:
@@ -193,10 +193,11 @@ class Handle:
 
 @dataclass
 class _Prompt:
-    """A servable prompt: its ``[P, H]`` tensor (None: the bare model) and cache key."""
+    """A servable prompt: its ``[P, H]`` tensor or KV prefix (None: the bare model) and cache
+    key."""
 
     name: str
-    tensor: torch.Tensor | None
+    tensor: PromptLike | None
     key: str
 
 
@@ -262,17 +263,20 @@ class Engine:
 
     # --- prompts -------------------------------------------------------------------------------
 
-    def add_prompt(self, name: str, tensor: torch.Tensor) -> str:
-        """Register ``tensor`` ``[P, H]`` under ``name``; returns its cache key."""
-        if tensor.dim() != 2:
+    def add_prompt(self, name: str, tensor: PromptLike) -> str:
+        """Register a trained prompt (``[P, H]`` or a :class:`KVPrefix`) under ``name``; returns
+        its cache key."""
+        values = tensor.kv if isinstance(tensor, KVPrefix) else tensor
+        if not isinstance(tensor, KVPrefix) and tensor.dim() != 2:
             raise SoftPromptError(f"prompt {name!r} is {list(tensor.shape)}; a prompt is [P, H]")
-        check_hidden_size(tensor, self.model.get_input_embeddings().weight.shape[1],
-                          f"prompt {name!r}")
-        if not torch.isfinite(tensor).all():
+        check_fits(tensor, self.model, f"prompt {name!r}")
+        if not torch.isfinite(values).all():
             raise SoftPromptError(f"prompt {name!r} holds non-finite values")
         key = prompt_key(tensor)
         with self._lock:
-            self._prompts[name] = _Prompt(name, tensor.detach().float().cpu(), key)
+            stored = (tensor.detach() if isinstance(tensor, KVPrefix)
+                      else tensor.detach().float().cpu())
+            self._prompts[name] = _Prompt(name, stored, key)
         return key
 
     def remove_prompt(self, name: str) -> None:
@@ -292,7 +296,7 @@ class Engine:
         entry = self._prompts.get(prompt)
         if entry is None:
             raise SoftPromptError(f"no prompt named {prompt!r}; known: {self.prompt_names()}")
-        return 0 if entry.tensor is None else entry.tensor.shape[0]
+        return num_virtual_tokens(entry.tensor)
 
     def _prefix(self, entry: _Prompt) -> PromptCache | None:
         if entry.tensor is None and self.bos is None:

@@ -23,6 +23,7 @@ from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
 from softprompt.inputs import empty_prompt, rows_loss
 from softprompt.metrics import compute_metrics, example_scores
+from softprompt.prefix import PromptLike, num_virtual_tokens
 from softprompt.tasks import Example, Task, make_examples, render_input
 
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -32,10 +33,11 @@ SOFT = "soft prompt"  # the name of the soft prompt system in reports and metric
 
 @dataclass
 class System:
-    """What stands in front of each input: a soft prompt ``[P, H]`` or an instruction."""
+    """What stands in front of each input: a trained prompt (``[P, H]`` or a KV prefix) or an
+    instruction."""
 
     name: str
-    prompt: torch.Tensor | None = None
+    prompt: PromptLike | None = None
     instruction: str = ""
     chat: bool = False  # wrap instruction + input as a user turn in the model's chat template
 
@@ -77,7 +79,7 @@ def baselines(task: Task, extra: list[str] | None = None, no_instruction: bool =
 def _encode(task: Task, examples: list[Example], tokenizer, system: System, max_length: int,
             with_target: bool, reserve: int = 0):
     """Token ids per example (the truncate field cut to fit), or an error if one cannot fit."""
-    p = system.prompt.shape[0] if system.prompt is not None else 0
+    p = num_virtual_tokens(system.prompt)
     encoded = []
     for ex in examples:
         enc = encode_example(task, ex, tokenizer, instruction=system.instruction,

@@ -31,6 +31,7 @@ from softprompt.inputs import (
     reserved_cache,
     select_rows,
 )
+from softprompt.prefix import PromptLike, num_virtual_tokens
 
 
 class SamplingSettings(Protocol):
@@ -67,7 +68,7 @@ def next_tokens(logits: torch.Tensor, cfg: GenerationConfig | SamplingSettings,
 
 @torch.no_grad()
 def generate(model, tokenizer, texts: list[str] | list[list[int]],
-             prompt: torch.Tensor | None = None,
+             prompt: PromptLike | None = None,
              config: GenerationConfig | None = None, stop: str | None = None,
              progress: bool = False) -> list[str]:
     """Generate a continuation for each input text behind the soft prompt.
@@ -78,7 +79,8 @@ def generate(model, tokenizer, texts: list[str] | list[list[int]],
             (as the tokenizer gives them, BOS included where it adds one). Each must leave room
             in the model's positions for the prompt and ``max_new_tokens`` (callers cut inputs
             to fit with ``encode.encode_example``); one that does not is refused.
-        prompt: ``[P, H]`` soft prompt, or None for the plain model (hard prompts).
+        prompt: ``[P, H]`` soft prompt or a :class:`~softprompt.prefix.KVPrefix` (compiled to
+            one key/value cache for all rows), or None for the plain model (hard prompts).
         config: decoding settings.
         stop: stop string (besides EOS), e.g. ``"\\n"``.
 
@@ -90,7 +92,7 @@ def generate(model, tokenizer, texts: list[str] | list[list[int]],
     encoded = [tokenizer(t).input_ids if isinstance(t, str) else list(t) for t in texts]
     if bos is not None:  # BOS moves into the cached prefix, before the prompt
         encoded = [ids[1:] if ids and ids[0] == bos else ids for ids in encoded]
-    check_inputs(encoded, prompt.shape[0] if prompt is not None else 0, cfg.max_new_tokens,
+    check_inputs(encoded, num_virtual_tokens(prompt), cfg.max_new_tokens,
                  context_limit(model), bos is not None)
     prefix = build_prompt_cache(model, prompt, bos)
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.temperature > 0 else None
@@ -189,7 +191,7 @@ def hits_stop(tokenizer, ids: list[int], stop: str) -> bool:
 
 
 @torch.no_grad()
-def generate_reference(model, tokenizer, text: str, prompt: torch.Tensor | None,
+def generate_reference(model, tokenizer, text: str, prompt: PromptLike | None,
                        max_new_tokens: int) -> list[int]:
     """Greedy token ids for one input with no cache at all: the whole prompted sequence is
     re-run every step. Slow; the parity tests compare :func:`generate` against it."""

@@ -23,6 +23,12 @@ prove it):
   prefix at positions ``0..C_r-1`` and its tokens from ``C_r`` on (``fill_prefixes``,
   ``concat_rows``, ``drop_leading_slots``).
 
+A KV prefix (prefix tuning, :class:`softprompt.prefix.KVPrefix`) takes no input positions: it
+is the first ``P`` slots of the cache in every layout, the tokens after it (BOS first) count
+positions from ``P``. The training layout passes it as a differentiable past cache
+(:func:`prefix_cache`); :func:`build_prompt_cache` compiles a prompt of either kind to the
+same :class:`PromptCache`, so generation and the engine never ask which kind they hold.
+
 Position ids always come from the attention mask (or, with right padding, count from 0), so
 pads never shift positions (GPT-2 has learned absolute positions; RoPE models see the same
 relative offsets).
@@ -41,12 +47,14 @@ from transformers.cache_utils import DynamicLayer
 
 from softprompt.batching import collate
 from softprompt.encode import IGNORE_INDEX
+from softprompt.prefix import KVPrefix, PromptLike, check_fits, kv_shape
 from softprompt.prompt import check_hidden_size
 
 __all__ = ["IGNORE_INDEX", "PromptedBatch", "PromptCache", "empty_prompt", "insert_prompt",
            "prompted_batch", "right_padded_batch", "plain_head", "target_loss", "rows_loss",
            "full_logits", "build_prompt_cache", "reserved_cache", "cached_forward", "select_rows",
-           "left_pad_mask", "fill_prefixes", "concat_rows", "drop_leading_slots"]
+           "left_pad_mask", "fill_prefixes", "concat_rows", "drop_leading_slots", "prefix_cache",
+           "tokens_kv"]
 
 
 @dataclass
@@ -57,6 +65,7 @@ class PromptedBatch:
     attention_mask: torch.Tensor | None  # [B, L]; None: causal only (pads, if any, at the end)
     position_ids: torch.Tensor | None  # [B, L]; None: 0, 1, ..., L - 1
     labels: torch.Tensor | None  # [B, L], IGNORE_INDEX on pads, prompt and input
+    cache: DynamicCache | None = None  # a KV prefix's [B, kv, P, d] per layer, else None
 
 
 def positions_from_mask(attention_mask: torch.Tensor,
@@ -110,23 +119,30 @@ def insert_prompt(token_embeds: torch.Tensor, attention_mask: torch.Tensor, prom
     return PromptedBatch(embeds, mask, positions_from_mask(mask), merged_labels)
 
 
-def right_padded_batch(model: PreTrainedModel, prompt: torch.Tensor, input_ids: torch.Tensor,
+def right_padded_batch(model: PreTrainedModel, prompt: PromptLike, input_ids: torch.Tensor,
                        labels: torch.Tensor, bos_offset: int = 0) -> PromptedBatch:
     """The training layout: ``[BOS? | P | tokens.. | pad..]`` per row, no attention mask.
 
     Args:
-        prompt: ``[P, H]`` soft prompt.
+        prompt: ``[P, H]`` soft prompt, or a :class:`KVPrefix` (then each row is
+            ``[BOS? | tokens.. | pad..]`` behind the prefix's ``P`` cache slots, from position
+            ``P`` on).
         input_ids, labels: ``[B, T]``, **right**-padded (labels IGNORE_INDEX on pads).
         bos_offset: 1 if each row starts with a BOS token that stays in front of the prompt.
 
     Returns:
-        A :class:`PromptedBatch` of length ``P + T`` with ``attention_mask`` and
-        ``position_ids`` None. Each real token has the position it has in
-        :func:`insert_prompt`'s layout and attends to the same tokens (all of them come before
+        A :class:`PromptedBatch` of length ``P + T`` (``T`` for a KV prefix) with
+        ``attention_mask`` None. Each real token has the position it has in
+        :func:`prompted_batch`'s layout and attends to the same tokens (all of them come before
         any pad), so logits at real tokens, the loss and the prompt's gradient are the same.
     """
     token_embeds = embed(model, input_ids)  # [B, T, H]
-    bsz = token_embeds.shape[0]
+    bsz, seq_len = input_ids.shape
+    if isinstance(prompt, KVPrefix):
+        p = prompt.num_virtual_tokens
+        positions = torch.arange(p, p + seq_len, device=input_ids.device).expand(bsz, -1)
+        return PromptedBatch(token_embeds, None, positions, labels,
+                             prefix_cache(model, prompt, bsz))
     check_hidden_size(prompt, token_embeds.shape[-1])
     num_virtual = prompt.shape[0]
     soft = prompt.to(token_embeds.dtype).expand(bsz, -1, -1)  # [B, P, H]
@@ -136,16 +152,37 @@ def right_padded_batch(model: PreTrainedModel, prompt: torch.Tensor, input_ids: 
     return PromptedBatch(embeds, None, None, merged_labels)
 
 
+def prefix_cache(model: PreTrainedModel, prefix: KVPrefix, batch_size: int) -> DynamicCache:
+    """A fresh ``DynamicCache`` holding ``prefix`` for ``batch_size`` rows, in the model's dtype
+    (``[B, kv_heads, P, head_dim]`` per layer). Differentiable: gradients reach ``prefix.kv``.
+    A forward appends to it, so every forward takes a new one."""
+    check_fits(prefix, model)
+    weight = model.get_input_embeddings().weight
+    return DynamicCache([(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
+                         for k, v in prefix.layers(weight.dtype, weight.device)])
+
+
 def embed(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` ids -> ``[B, T, H]`` input embeddings of the frozen model."""
     return model.get_input_embeddings()(input_ids)
 
 
-def prompted_batch(model: PreTrainedModel, prompt: torch.Tensor, input_ids: torch.Tensor,
+def prompted_batch(model: PreTrainedModel, prompt: PromptLike, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
                    bos_offset: int = 0) -> PromptedBatch:
-    """Embed left-padded ``input_ids`` ``[B, T]`` and splice in ``prompt`` ``[P, H]``."""
-    return insert_prompt(embed(model, input_ids), attention_mask, prompt, labels, bos_offset)
+    """The reference layout of left-padded ``input_ids`` ``[B, T]`` behind ``prompt``.
+
+    A ``[P, H]`` prompt is spliced in before each row's first real token (after BOS):
+    ``[B, P + T]``. A :class:`KVPrefix` goes into the cache in front of every row: the batch
+    stays ``[B, T]``, its mask is ``[B, P + T]`` and real tokens take positions ``P, P + 1, ..``.
+    """
+    if not isinstance(prompt, KVPrefix):
+        return insert_prompt(embed(model, input_ids), attention_mask, prompt, labels, bos_offset)
+    p, bsz = prompt.num_virtual_tokens, input_ids.shape[0]
+    mask = torch.cat([attention_mask.new_ones(bsz, p), attention_mask], 1)  # [B, P + T]
+    positions = (positions_from_mask(attention_mask) + p).masked_fill(attention_mask == 0, 0)
+    return PromptedBatch(embed(model, input_ids), mask, positions, labels,
+                         prefix_cache(model, prompt, bsz))
 
 
 _PLAIN_HEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> bool
@@ -199,22 +236,19 @@ def target_loss(model: PreTrainedModel, batch: PromptedBatch) -> tuple[torch.Ten
     keep = targets != IGNORE_INDEX  # [B, L - 1]
     count = int(keep.sum())
     if plain_head(model):
-        hidden = model.base_model(inputs_embeds=batch.inputs_embeds,
-                                  attention_mask=batch.attention_mask,
-                                  position_ids=batch.position_ids, use_cache=False)[0]
+        hidden = model.base_model(**_forward_args(model.base_model, batch))[0]
         logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [N, V]
     else:
-        logits = model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, use_cache=False).logits[:, :-1][keep]
+        logits = model(**_forward_args(model, batch)).logits[:, :-1][keep]
     loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
     return loss, count
 
 
-def rows_loss(model: PreTrainedModel, prompt: torch.Tensor,
+def rows_loss(model: PreTrainedModel, prompt: PromptLike,
               rows: list[tuple[list[int], list[int]]], pad_id: int, bos_offset: int = 0,
               device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
-    """Summed target cross-entropy of encoded ``(ids, labels)`` rows behind ``prompt`` ``[P, H]``,
-    and the number of targets: the loss of one training (micro-)batch.
+    """Summed target cross-entropy of encoded ``(ids, labels)`` rows behind ``prompt`` (``[P, H]``
+    or a :class:`KVPrefix`), and the number of targets: the loss of one training (micro-)batch.
 
     Rows are right-padded so that no attention mask is needed (:func:`right_padded_batch`),
     and only target positions reach the vocabulary projection (:func:`target_loss`).
@@ -225,9 +259,19 @@ def rows_loss(model: PreTrainedModel, prompt: torch.Tensor,
 
 
 def full_logits(model: PreTrainedModel, batch: PromptedBatch) -> torch.Tensor:
-    """``[B, L, V]`` logits of the merged batch (the reference path, no cache)."""
-    return model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                 position_ids=batch.position_ids, use_cache=False).logits
+    """``[B, L, V]`` logits of the merged batch (the reference path: no cache but a KV
+    prefix's)."""
+    return model(**_forward_args(model, batch)).logits
+
+
+def _forward_args(module, batch: PromptedBatch) -> dict:
+    """Keyword arguments of one forward of ``batch`` through ``module`` (a model or its base);
+    a KV prefix goes in as the past cache."""
+    args = {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids, "use_cache": False}
+    if batch.cache is not None:
+        args[_cache_kwarg(module)] = batch.cache
+    return args
 
 
 # --- the prompt's key/value cache -------------------------------------------------------------
@@ -340,12 +384,28 @@ def prefix_embeds(model: PreTrainedModel, prompt: torch.Tensor,
 
 
 @torch.no_grad()
-def build_prompt_cache(model: PreTrainedModel, prompt: torch.Tensor | None,
+def build_prompt_cache(model: PreTrainedModel, prompt: PromptLike | None,
                        bos_token_id: int | None = None) -> PromptCache | None:
-    """Run the prefix through the frozen model once and keep its keys/values.
+    """Compile a prompt of any method to the key/value cache that stands before every input.
 
+    A ``[P, H]`` prompt: one forward of ``[BOS? | P]``. A :class:`KVPrefix`: its keys and
+    values, then BOS (where the tokenizer adds one) run on top of them at position ``P``.
     Returns None when there is nothing to cache (no prompt and no BOS).
     """
+    if isinstance(prompt, KVPrefix):
+        check_fits(prompt, model)
+        weight = model.get_input_embeddings().weight
+        layers = prompt.layers(weight.dtype, weight.device)
+        p = prompt.num_virtual_tokens
+        if bos_token_id is None:
+            return PromptCache(layers, p)
+        ids = torch.tensor([[bos_token_id]], device=weight.device)
+        out = model(input_ids=ids, attention_mask=torch.ones(1, p + 1, dtype=torch.long,
+                                                              device=weight.device),
+                    position_ids=torch.tensor([[p]], device=weight.device), use_cache=True,
+                    **{_cache_kwarg(model): DynamicCache(layers)})
+        cache = _output_cache(out)
+        return PromptCache([(layer.keys, layer.values) for layer in cache.layers], p + 1)
     if prompt is None or prompt.shape[0] == 0:
         if bos_token_id is None:
             return None
@@ -358,6 +418,26 @@ def build_prompt_cache(model: PreTrainedModel, prompt: torch.Tensor | None,
     cache = _output_cache(out)
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     return PromptCache(layers, length)
+
+
+@torch.no_grad()
+def tokens_kv(model: PreTrainedModel, token_ids: list[int]) -> KVPrefix:
+    """The key/value prefix that ``token_ids`` leave in the cache (positions 0..n-1, no BOS):
+    a KV prefix that stands for that text exactly (prefix tuning's text init).
+
+    Returns ``KVPrefix`` ``[L, 2, kv_heads, n, head_dim]`` float32 on the model's device.
+    """
+    if not token_ids:
+        raise ValueError("tokens_kv needs at least one token")
+    device = model.get_input_embeddings().weight.device
+    ids = torch.tensor([token_ids], device=device)  # [1, n]
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                position_ids=torch.arange(len(token_ids), device=device)[None], use_cache=True)
+    layers = _output_cache(out).layers
+    kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in layers])
+    layers_n, kv_heads, head_dim = kv_shape(model.config)
+    assert kv.shape == (layers_n, 2, kv_heads, len(token_ids), head_dim), kv.shape
+    return KVPrefix(kv.float())
 
 
 def cached_forward(model: PreTrainedModel, cache: DynamicCache, input_ids: torch.Tensor,

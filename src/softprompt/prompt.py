@@ -1,7 +1,11 @@
-"""The soft prompt: a ``[P, H]`` float32 tensor and the JSON that describes it.
+"""A trained prompt on disk: its tensor and the JSON that describes it.
 
-Saved as ``prompt.safetensors`` (the tensor) and ``softprompt.json`` (model, task, template,
-P, init, training arguments, metrics, library versions). Loading never unpickles anything.
+Saved as ``prompt.safetensors`` (key ``prompt_embeddings``, ``[P, H]`` float32: the methods
+prompt, ptuning and residual) or ``prefix.safetensors`` (key ``prefix``, ``[L, 2, kv_heads, P,
+head_dim]`` float32: a :class:`~softprompt.prefix.KVPrefix` from prefix tuning), beside
+``softprompt.json`` (method, model, task, template, P, init, training arguments, metrics,
+library versions). A directory without ``method`` (written before prefix tuning existed) holds
+a ``prompt``. Loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from safetensors.torch import load_file, save
 from softprompt import atomic
 from softprompt.config import PromptInit
 from softprompt.errors import SoftPromptError
+from softprompt.prefix import KVPrefix, PromptLike
 
 PROMPT_FILE = "prompt.safetensors"
+PREFIX_FILE = "prefix.safetensors"
 CONFIG_FILE = "softprompt.json"
 TENSOR_KEY = "prompt_embeddings"
+PREFIX_KEY = "prefix"
 FORMAT_VERSION = 1
 
 
@@ -94,6 +101,22 @@ class PromptMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    method: str = "prompt"  # prompt | ptuning | residual | prefix (absent before prefixes)
+    # A KV prefix's cache shape (None for [P, H] prompts).
+    num_layers: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.method == "prefix"
+
+    def tensor_shape(self) -> list[int]:
+        """The shape the saved tensor must have."""
+        if self.is_prefix:
+            return [self.num_layers, 2, self.num_key_value_heads, self.num_virtual_tokens,
+                    self.head_dim]
+        return [self.num_virtual_tokens, self.hidden_size]
 
 
 def library_versions() -> dict[str, str]:
@@ -107,19 +130,31 @@ def library_versions() -> dict[str, str]:
 
 def prompt_exists(directory: str | Path) -> bool:
     d = Path(directory)
-    return (d / PROMPT_FILE).exists() or (d / CONFIG_FILE).exists()
+    return any((d / name).exists() for name in (PROMPT_FILE, PREFIX_FILE, CONFIG_FILE))
 
 
-def save_prompt(directory: str | Path, prompt: SoftPrompt | torch.Tensor, meta: PromptMeta) -> None:
-    """Write ``prompt.safetensors`` then ``softprompt.json``, each atomically."""
-    tensor = prompt.embeddings if isinstance(prompt, SoftPrompt) else prompt
+def save_prompt(directory: str | Path, prompt: SoftPrompt | PromptLike, meta: PromptMeta) -> None:
+    """Write the tensor file (``prompt.safetensors`` or, for a :class:`KVPrefix`,
+    ``prefix.safetensors``) then ``softprompt.json``, each atomically; the other kind's tensor
+    file, left by an earlier run in the directory, is removed."""
+    if isinstance(prompt, KVPrefix):
+        tensor, name, key = prompt.kv, PREFIX_FILE, PREFIX_KEY
+        if not meta.is_prefix:
+            raise SoftPromptError(f"a KV prefix is saved with method 'prefix', not "
+                                  f"{meta.method!r}")
+    else:
+        tensor = prompt.embeddings if isinstance(prompt, SoftPrompt) else prompt
+        name, key = PROMPT_FILE, TENSOR_KEY
+        if meta.is_prefix:
+            raise SoftPromptError("method 'prefix' saves a KV prefix, got a [P, H] tensor")
     tensor = tensor.detach().to("cpu", torch.float32).contiguous()
-    if list(tensor.shape) != [meta.num_virtual_tokens, meta.hidden_size]:
+    if list(tensor.shape) != meta.tensor_shape():
         raise SoftPromptError(f"prompt shape {list(tensor.shape)} does not match its config "
-                              f"[{meta.num_virtual_tokens}, {meta.hidden_size}]")
+                              f"{meta.tensor_shape()}")
     meta.versions = meta.versions or library_versions()
     directory = Path(directory)
-    atomic.write_bytes(directory / PROMPT_FILE, save({TENSOR_KEY: tensor}))
+    atomic.write_bytes(directory / name, save({key: tensor}))
+    (directory / (PROMPT_FILE if name == PREFIX_FILE else PREFIX_FILE)).unlink(missing_ok=True)
     atomic.write_json(directory / CONFIG_FILE, meta.__dict__)
 
 
@@ -138,32 +173,40 @@ def load_meta(directory: str | Path) -> PromptMeta:
         raise SoftPromptError(f"{path} must hold a JSON object, got {type(raw).__name__}")
     required = {"model": (str, "a string"), "task": (dict, "an object"),
                 "num_virtual_tokens": (int, "an integer"), "hidden_size": (int, "an integer")}
+    if raw.get("method") == "prefix":
+        required.update({k: (int, "an integer")
+                         for k in ("num_layers", "num_key_value_heads", "head_dim")})
     for key, (kind, described) in required.items():
         if not isinstance(raw.get(key), kind):
             raise SoftPromptError(f"{path}: field {key!r} must be {described}, "
                                   f"got {raw.get(key)!r}")
+    if not isinstance(raw.get("method", "prompt"), str):
+        raise SoftPromptError(f"{path}: field 'method' must be a string, got {raw['method']!r}")
     known = set(PromptMeta.__dataclass_fields__)
     return PromptMeta(**{k: v for k, v in raw.items() if k in known})
 
 
-def load_prompt_tensor(directory: str | Path) -> tuple[torch.Tensor, PromptMeta]:
-    """Load the ``[P, H]`` tensor and its meta, checking they agree."""
+def load_prompt_tensor(directory: str | Path) -> tuple[PromptLike, PromptMeta]:
+    """Load the trained prompt (``[P, H]`` tensor or :class:`KVPrefix`) and its meta,
+    checking they agree."""
     meta = load_meta(directory)
-    path = Path(directory) / PROMPT_FILE
+    name, key = (PREFIX_FILE, PREFIX_KEY) if meta.is_prefix else (PROMPT_FILE, TENSOR_KEY)
+    path = Path(directory) / name
     if not path.is_file():
-        raise SoftPromptError(f"{path} not found beside {CONFIG_FILE}")
+        raise SoftPromptError(f"{path} not found beside {CONFIG_FILE} (method "
+                              f"{meta.method!r})")
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise SoftPromptError(f"{path} is not a valid safetensors file ({exc})") from None
-    if TENSOR_KEY not in tensors:
-        raise SoftPromptError(f"{path} holds no {TENSOR_KEY!r} tensor")
-    tensor = tensors[TENSOR_KEY].to(torch.float32)
-    expected = [meta.num_virtual_tokens, meta.hidden_size]
+    if key not in tensors:
+        raise SoftPromptError(f"{path} holds no {key!r} tensor")
+    tensor = tensors[key].to(torch.float32)
+    expected = meta.tensor_shape()
     if list(tensor.shape) != expected:
         raise SoftPromptError(f"{path}: tensor shape {list(tensor.shape)} != {expected} in "
                               f"{CONFIG_FILE}")
-    return tensor, meta
+    return (KVPrefix(tensor) if meta.is_prefix else tensor), meta
 
 
 def check_hidden_size(tensor: torch.Tensor, hidden_size: int, source: str | None = None) -> None:

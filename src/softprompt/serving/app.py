@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from softprompt.encode import chat_text
 from softprompt.engine import Completion, Engine, Handle, SamplingParams
 from softprompt.errors import SoftPromptError
+from softprompt.prefix import num_virtual_tokens
 from softprompt.serving import protocol
 from softprompt.serving.metrics import ServerMetrics
 from softprompt.serving.registry import ServedPrompt, candidates, load_served
@@ -116,7 +117,8 @@ class Server:
                               "template": task.template, "fields": task.placeholders(),
                               "stop": task.stop, "max_new_tokens": task.max_new_tokens,
                               "instruction": task.instruction,
-                              "num_virtual_tokens": int(served.tensor.shape[0]),
+                              "method": served.method,
+                              "num_virtual_tokens": num_virtual_tokens(served.tensor),
                               "sha256": served.key}
         return card
 

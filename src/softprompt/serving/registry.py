@@ -12,9 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from softprompt.errors import SoftPromptError
+from softprompt.prefix import PromptLike
 from softprompt.prompt import CONFIG_FILE, load_prompt_tensor
 from softprompt.tasks import Task
 
@@ -23,13 +22,15 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 @dataclass
 class ServedPrompt:
-    """A prompt the server can use: its tensor ``[P, H]``, task and where it came from."""
+    """A prompt the server can use: its tensor ``[P, H]`` or KV prefix, task and where it came
+    from."""
 
     name: str
-    tensor: torch.Tensor
+    tensor: PromptLike
     task: Task
     path: Path
     key: str = ""  # the engine's cache key (sha256 of the tensor)
+    method: str = "prompt"  # the method that trained it (prompt, ptuning, residual, prefix)
 
 
 def confined(root: Path, name: str) -> Path:
@@ -51,7 +52,7 @@ def load_served(root: Path, name: str) -> ServedPrompt:
     if not (path / CONFIG_FILE).is_file():
         raise SoftPromptError(f"prompt {name!r}: no {CONFIG_FILE} in {path}")
     tensor, meta = load_prompt_tensor(path)
-    return ServedPrompt(name, tensor, Task.from_dict(meta.task), path)
+    return ServedPrompt(name, tensor, Task.from_dict(meta.task), path, method=meta.method)
 
 
 def candidates(root: Path) -> list[str]:
