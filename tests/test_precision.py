@@ -258,3 +258,82 @@ def test_cli_refuses_bf16_with_precision_fp32_in_one_line(tmp_path, capsys):
 
 def test_records_read_for_the_tests_exist():
     assert read_records(SAMPLES / "translation" / "test.jsonl", limit=4)
+
+
+# --- both kinds of prompt ---------------------------------------------------------------------
+
+
+def _prompts(model) -> dict[str, object]:
+    """A ``[P, H]`` prompt and a KV prefix for ``model`` (what every method compiles to)."""
+    from softprompt.prefix import KVPrefix, kv_shape
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    return {"prompt": torch.randn(4, hidden, generator=gen) * 0.5,
+            "prefix": KVPrefix(torch.randn(layers, 2, kv_heads, 4, head_dim, generator=gen))}
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_autocast_training_loss_and_gradient_are_close_to_float32_for_both_kinds(tiny, kind):
+    """The training layout under bfloat16 autocast (float32 weights): loss and the float32
+    gradient of the trained tensor within bfloat16 rounding of float32's."""
+    from softprompt.encode import adds_bos
+    from softprompt.inputs import rows_loss
+    from softprompt.prefix import KVPrefix
+
+    model, tok, _ = tiny
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)  # a fresh model's losses hardly depend on anything
+    base = _prompts(model)[kind]
+    rows = []
+    for text in ("A dog runs on the beach.", "Two children play football in a park."):
+        ids = tok(text).input_ids
+        rows.append((ids, [-100] * (len(ids) // 2) + ids[len(ids) // 2:]))
+    results = {}
+    for name, precision in {"fp32": Precision(F32, None), "bf16": Precision(F32, BF16)}.items():
+        tensor = (base.kv if kind == "prefix" else base).clone().requires_grad_()
+        prompt = KVPrefix(tensor) if kind == "prefix" else tensor
+        with precision.context(CPU):
+            loss, _ = rows_loss(model, prompt, rows, tok.pad_token_id, int(adds_bos(tok)))
+        loss.backward()
+        assert tensor.grad.dtype == F32
+        results[name] = (loss.item(), tensor.grad)
+    (loss32, grad32), (loss16, grad16) = results["fp32"], results["bf16"]
+    assert loss16 != loss32 and loss16 == pytest.approx(loss32, rel=2e-2)
+    cosine = torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0)
+    assert cosine > 0.98
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_bf16_weights_cached_generation_matches_uncached_reference_for_both_kinds(tiny_dirs,
+                                                                                 kind):
+    from softprompt.config import GenerationConfig
+    from softprompt.generation import generate, generate_reference
+
+    for arch in ("gpt2", "llama"):
+        model, tok = load_model(str(tiny_dirs[arch]), dtype=BF16)
+        prompt = _prompts(model)[kind]
+        texts = ["A dog runs on the beach.", "Rain."]
+        outs = generate(model, tok, texts, prompt, GenerationConfig(max_new_tokens=6,
+                                                                     batch_size=2))
+        for text, out in zip(texts, outs):
+            ref = generate_reference(model, tok, text, prompt, 6)
+            assert out == tok.decode(ref, skip_special_tokens=True).strip(), arch
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_autocast_generation_runs_for_both_kinds(tiny, kind):
+    """Float32 weights under autocast (--precision bf16 --dtype float32): the prompt's cache
+    is float32, the tokens' keys bfloat16; generation runs and gives text."""
+    from softprompt.config import GenerationConfig
+    from softprompt.generation import generate
+
+    model, tok, _ = tiny
+    prompt = _prompts(model)[kind]
+    with Precision(F32, BF16).context(CPU):
+        outs = generate(model, tok, ["A dog runs on the beach.", "Rain."], prompt,
+                        GenerationConfig(max_new_tokens=6, batch_size=2))
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
