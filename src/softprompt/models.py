@@ -223,8 +223,9 @@ def resolve_precision(precision: str = "auto", dtype: str | torch.dtype = "auto"
       the weights in ``--dtype`` (``auto``: float32; bfloat16 on CUDA, half the memory): the
       residual stream, norms and softmax stay float32, the matmuls run in bfloat16;
     - inference loads the weights in bfloat16 (``--dtype auto``): a decoding step reads half
-      the bytes, where autocast would cast every float32 weight again at every step (slower
-      than float32 here, BENCHMARKS.md). Only ``--precision bf16 --dtype float32`` autocasts.
+      the bytes, where autocast casts every float32 weight again at every step (decoding 1.9x
+      against 1.4x float32's speed, BENCHMARKS.md benchmark 6). Only ``--precision bf16
+      --dtype float32`` autocasts.
 
     A ``--dtype`` given explicitly is kept: bfloat16/float16 weights compute in their dtype
     (no autocast). ``bf16=True`` is the old ``--bf16`` flag, the same as ``precision="bf16"``.
