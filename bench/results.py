@@ -1,19 +1,26 @@
-"""Reproduce the study's comparison on real data and write RESULTS.md.
+"""The study on real data, and RESULTS.md: soft prompts against zero- and few-shot hard prompts.
 
-For each task (DialogSum summarization, SQuAD QA, Multi30k EN->DE), with the bundled
-SmolLM2-135M: train a soft prompt on ../shared/data/<task>/train.jsonl (early stopping and
-the per-epoch metric on validation.jsonl), then evaluate it and every hard-prompt baseline on
-test.jsonl through the same pipeline. Settings were chosen on the validation splits only
-(bench/sweep.py; see RESULTS.md).
+For each task (DialogSum summarization, SQuAD QA, Multi30k EN->DE) and each training method,
+with the bundled SmolLM2-135M: train one soft prompt per seed on the first N examples of
+../shared/data/<task>/train.jsonl (early stopping on validation.jsonl), evaluate each and every
+hard prompt (zero-shot and 3-shot, demonstrations from the training split) on test.jsonl through
+the same pipeline, with paired bootstrap intervals of (soft - hard) and, for one task, a
+learning curve (softprompt.comparison.compare does the work). Settings were chosen on the
+validation splits only (bench/sweep.py).
 
-    python bench/results.py                       # all three tasks
-    python bench/results.py --tasks qa --limit 50  # a quicker partial run
-    python bench/results.py --tasks translation --limit 4 --train-limit 8 --epochs 1 \
-        --val-limit 4 --out /tmp/r --output /tmp/RESULTS.md   # smoke test, not the results
+The run is sized to fit a time budget (default 3 hours) on a 2-core CPU: the time of every
+training and evaluation is estimated from per-example timings recorded on that machine
+(TIMINGS), and the training sets are cut, in steps of 10%, until the estimate fits; RESULTS.md
+says what was cut.
 
-RESULTS.md is generated whole: every figure in it (scores, times, sizes, the findings) is
-computed from the run's result.json files, with the commit, command, machine and date of
-each task's run.
+    python bench/results.py --plan                 # the plan and its time estimate only
+    python bench/results.py                        # every task, method prompt, 3 seeds
+    python bench/results.py --methods prompt,ptuning,residual,prefix
+    python bench/results.py --reuse                # continue an interrupted run
+    python bench/results.py --report-only          # rewrite RESULTS.md from --out
+
+RESULTS.md is generated whole: every figure in it is computed from the run's result.json
+files, with the command, commit, machine, date and time of the run.
 """
 
 from __future__ import annotations
@@ -23,36 +30,156 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
-from softprompt.comparison import SOFT, compare
-from softprompt.config import GenerationConfig, PromptConfig, TrainConfig
-from softprompt.models import DEFAULT_MODEL
-from softprompt.tasks import get_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import git_commit  # noqa: E402
+
+from softprompt.comparison import SOFT, compare  # noqa: E402
+from softprompt.config import GenerationConfig, PromptConfig, TrainConfig  # noqa: E402
+from softprompt.models import DEFAULT_MODEL  # noqa: E402
+from softprompt.report import margin_sentence  # noqa: E402
+from softprompt.tasks import get_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SOFTPROMPT_DATA", ROOT.parent / "shared" / "data"))
 BATCH_SIZE = 8
 VAL_LIMIT = 24  # validation examples generated per epoch for the task metric
 VAL_LOSS_LIMIT = 100  # validation examples for the validation loss
+TEST_EXAMPLES = 100  # of each test split's 200: the hard prompts' evaluations are a fixed cost
+SEEDS = (0, 1, 2)
+SHOTS = (0, 3)
+CURVE_TASK = "translation"  # the cheapest task per training example
+CURVE_SIZES = (50, 200)  # plus the task's own training size
+MIN_TRAIN = 100  # the training sets are not cut below this
+BUDGET_HOURS = 3.0
+TASKS = ("summarization", "qa", "translation")
 
-# Chosen on validation data (bench/sweep.py); one place to change them.
-# max_train_examples bounds the run's time on a small CPU.
+# Chosen on validation data (bench/sweep.py); one place to change them. train_examples is
+# what the study would use with time to spare; the plan cuts it to fit the budget.
 SETTINGS = {
-    "translation": {"epochs": 2, "lr": 0.03, "num_virtual_tokens": 20, "max_length": 256,
-                    "max_train_examples": 1000},
-    "qa": {"epochs": 1, "lr": 0.03, "num_virtual_tokens": 20, "max_length": 512,
-           "max_train_examples": 800},
     "summarization": {"epochs": 1, "lr": 0.03, "num_virtual_tokens": 20, "max_length": 768,
-                      "max_train_examples": 800},
+                      "train_examples": 800},
+    "qa": {"epochs": 1, "lr": 0.03, "num_virtual_tokens": 20, "max_length": 512,
+           "train_examples": 800},
+    "translation": {"epochs": 2, "lr": 0.03, "num_virtual_tokens": 20, "max_length": 256,
+                    "train_examples": 1000},
 }
+
+# Seconds on the 2-core Xeon of RESULTS.md's 2026-11-29 run (P = 20, batch 8, the max
+# lengths above): training per example and epoch (1035 s for 800 DialogSum examples, 719 s
+# for 800 SQuAD, 902 s for 2 x 1000 Multi30k) and generation per test example for the
+# slowest system (1 / examples_per_s: 0.87, 1.60, 2.05).
+TIMINGS = {
+    "summarization": {"train": 1035 / 800, "generate": 1 / 0.87},
+    "qa": {"train": 719 / 800, "generate": 1 / 1.60},
+    "translation": {"train": 902 / 2000, "generate": 1 / 2.05},
+}
+EVAL_OVERHEAD = 1.25  # the teacher-forced loss pass and the metrics beside generation (guess)
+# A 3-shot input is about four inputs long: a guess for DialogSum's long inputs, where the
+# prefill counts; on 4 Multi30k examples with SmolLM2 (2026-11-30, a loaded machine) a 3-shot
+# evaluation took 1.04x (1.07x in the chat template) the zero-shot one.
+FEW_SHOT_COST = 3.0
+VALIDATION_COST = 1 / 3  # a validation forward against a training step (no backward)
+ZERO_SHOT_SYSTEMS = 4  # study, ours, ours in the chat template, no instruction
+CHAT_VARIANTS = 2  # each K-shot prompt also in the chat template (SmolLM2 has one)
+
+
+@dataclass
+class Plan:
+    """What the run does, and how long it should take."""
+
+    tasks: list[str]
+    methods: list[str]
+    seeds: list[int]
+    shots: list[int]
+    test_examples: int | None
+    train_examples: dict[str, int]
+    curve_task: str | None
+    curve_sizes: list[int]
+    val_limit: int = VAL_LIMIT
+    val_loss_limit: int = VAL_LOSS_LIMIT
+    epochs: dict[str, int] = field(default_factory=dict)
+    budget_hours: float = BUDGET_HOURS
+    curve_below: list[int] = field(default_factory=lambda: list(CURVE_SIZES))
+    estimate_seconds: float = 0.0
+    cuts: list[str] = field(default_factory=list)
+
+
+def _soft_seconds(task: str, n: int, plan: Plan) -> float:
+    """One soft prompt: training, validation per epoch, its test evaluation."""
+    t, epochs = TIMINGS[task], plan.epochs[task]
+    generate = t["generate"] * EVAL_OVERHEAD
+    per_epoch = (n * t["train"] + plan.val_loss_limit * t["train"] * VALIDATION_COST
+                 + plan.val_limit * generate)
+    return epochs * per_epoch + (plan.test_examples or 200) * generate
+
+
+def estimate(plan: Plan) -> dict[str, float]:
+    """Estimated seconds per task (TIMINGS; the guesses are marked there)."""
+    out = {}
+    for task in plan.tasks:
+        generate = TIMINGS[task]["generate"] * EVAL_OVERHEAD * (plan.test_examples or 200)
+        few = sum(1 for k in plan.shots if k > 0)
+        hard = generate * ((ZERO_SHOT_SYSTEMS if 0 in plan.shots else 0)
+                           + few * CHAT_VARIANTS * FEW_SHOT_COST)
+        n = plan.train_examples[task]
+        soft = len(plan.methods) * len(plan.seeds) * _soft_seconds(task, n, plan)
+        curve = 0.0
+        if task == plan.curve_task:  # the first method only
+            curve = len(plan.seeds) * sum(_soft_seconds(task, m, plan) for m in plan.curve_sizes
+                                          if m != n)
+        out[task] = hard + soft + curve
+    return out
+
+
+def make_plan(args) -> Plan:
+    """The plan for ``args``: training sets cut in 10% steps until the estimate fits."""
+    tasks = [t for t in args.tasks.split(",") if t]
+    plan = Plan(tasks, [m for m in args.methods.split(",") if m],
+                [int(s) for s in args.seeds.split(",")], [int(k) for k in args.shots.split(",")],
+                args.limit, {t: args.train_limit or SETTINGS[t]["train_examples"] for t in tasks},
+                args.curve_task if args.curve_task in tasks else None, [],
+                args.val_limit, args.val_loss_limit,
+                {t: args.epochs or SETTINGS[t]["epochs"] for t in tasks}, args.budget_hours,
+                [int(n) for n in args.curve_sizes.split(",") if n])
+    wanted = dict(plan.train_examples)
+    budget = args.budget_hours * 3600
+    while (not args.train_limit and sum(estimate(_with_curve(plan)).values()) > budget
+           and any(n > MIN_TRAIN for n in plan.train_examples.values())):
+        plan.train_examples = {t: max(MIN_TRAIN, int(n * 0.9) // 10 * 10)
+                               for t, n in plan.train_examples.items()}
+    plan = _with_curve(plan)
+    plan.estimate_seconds = round(sum(estimate(plan).values()))
+    if plan.test_examples:
+        plan.cuts.append(f"test sets: the first {plan.test_examples} of each test split (the "
+                         "hard prompts' evaluations are a fixed cost per example)")
+    cut = {t: (wanted[t], n) for t, n in plan.train_examples.items() if n < wanted[t]}
+    if cut:
+        plan.cuts.append("training sets: " + ", ".join(f"{t} {n} of the {w} wanted"
+                                                       for t, (w, n) in cut.items())
+                         + f" examples, to fit the {args.budget_hours:g}-hour budget")
+    if plan.curve_task:
+        plan.cuts.append(f"learning curve: {plan.curve_task} only, method "
+                         f"{plan.methods[0]} only")
+    if plan.estimate_seconds > budget:
+        plan.cuts.append(f"(over budget: the estimate is {plan.estimate_seconds / 3600:.1f} h "
+                         f"with the training sets at their floor of {MIN_TRAIN}; fewer "
+                         "--methods or --seeds would fit)")
+    return plan
+
+
+def _with_curve(plan: Plan) -> Plan:
+    if plan.curve_task:
+        main = plan.train_examples[plan.curve_task]
+        plan.curve_sizes = sorted({n for n in plan.curve_below if n < main} | {main})
+    return plan
 
 
 def machine() -> str:
@@ -70,54 +197,163 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
-def run_task(name: str, out_dir: Path, args) -> dict:
-    s = dict(SETTINGS[name])  # the settings this run used, overrides applied
-    if args.train_limit:
-        s["max_train_examples"] = args.train_limit
-    if args.epochs:
-        s["epochs"] = args.epochs
+def method_options(method: str) -> tuple[dict[str, str], dict[str, str]]:
+    """``method=`` for whichever config declares it (PromptConfig, TrainConfig: the methods
+    of issue #11); "prompt" on a tree without methods needs none."""
+    for i, cls in enumerate((PromptConfig, TrainConfig)):
+        if "method" in {f.name for f in fields(cls)}:
+            return ({"method": method}, {}) if i == 0 else ({}, {"method": method})
+    if method != "prompt":
+        raise SystemExit(f"error: method {method!r} is not in this tree (no config has a "
+                         f"'method' field); use --methods prompt")
+    return {}, {}
+
+
+def _configs(task: str, plan: Plan, method: str, n: int) -> tuple[PromptConfig, TrainConfig]:
+    s = SETTINGS[task]
+    prompt_opts, train_opts = method_options(method)
+    return (PromptConfig(num_virtual_tokens=s["num_virtual_tokens"], **prompt_opts),
+            TrainConfig(epochs=plan.epochs[task], lr=s["lr"], batch_size=BATCH_SIZE,
+                        max_length=s["max_length"], max_train_examples=n,
+                        max_eval_examples=plan.val_loss_limit, patience=1, **train_opts))
+
+
+HARD_PREFIXES = ("hard_", "no_instruction")
+
+
+def run_task(name: str, plan: Plan, out_dir: Path, args) -> dict:
+    """Every method's comparison on one task; returns the task's result.json content."""
     task = get_task(name)
     t0 = time.perf_counter()
-    prompt_dir = out_dir / name / "prompt"
-    reuse = args.reuse and (prompt_dir / "prompt.safetensors").is_file()
-    comps = compare(
-        task, str(DATA / name / "train.jsonl"), str(DATA / name / "test.jsonl"), out_dir / name,
-        validation_path=str(DATA / name / "validation.jsonl"), limit=args.limit,
-        val_limit=args.val_limit,
-        generation=GenerationConfig(max_new_tokens=task.max_new_tokens, batch_size=16),
-        prompt_config=PromptConfig(num_virtual_tokens=s["num_virtual_tokens"]),
-        train_config=TrainConfig(epochs=s["epochs"], lr=s["lr"], batch_size=BATCH_SIZE,
-                                 max_length=s["max_length"],
-                                 max_train_examples=s["max_train_examples"],
-                                 max_eval_examples=args.val_loss_limit,
-                                 patience=1),
-        prompt_dir=str(prompt_dir) if reuse else None, reuse=reuse, overwrite=not reuse,
-        progress=True)
-    comp = comps[0]
-    return {"task": name, "primary": task.primary_metric, "settings": s,
-            "batch_size": BATCH_SIZE, "model": DEFAULT_MODEL,
-            "test_examples": len(comp.predictions[SOFT]),
-            "systems": comp.systems, "train_seconds": comp.train_seconds,
-            "epochs": [r for r in comp.train_log if r.get("event") == "epoch"],
-            "wall_seconds": round(time.perf_counter() - t0, 1),
-            "samples": {k: v[:3] for k, v in comp.predictions.items()}}
+    task_dir = out_dir / name
+    if not args.reuse and task_dir.exists():
+        shutil.rmtree(task_dir)  # a fresh run
+    n = plan.train_examples[name]
+    validation = DATA / name / "validation.jsonl"
+    methods = {}
+    for i, method in enumerate(plan.methods):
+        method_dir = task_dir / method
+        if i:  # the hard prompts were evaluated with the first method: read them back
+            for src in (task_dir / plan.methods[0] / "systems").iterdir():
+                if src.name.startswith(HARD_PREFIXES) and not (method_dir / "systems" /
+                                                                src.name).exists():
+                    shutil.copytree(src, method_dir / "systems" / src.name)
+        pcfg, tcfg = _configs(name, plan, method, n)
+        comp = compare(
+            task, str(DATA / name / "train.jsonl"), str(DATA / name / "test.jsonl"), method_dir,
+            validation_path=str(validation) if validation.is_file() else None,
+            model_names=[args.model], limit=plan.test_examples, val_limit=plan.val_limit,
+            generation=GenerationConfig(max_new_tokens=task.max_new_tokens, batch_size=16),
+            prompt_config=pcfg, train_config=tcfg, shots=plan.shots, seeds=plan.seeds,
+            train_sizes=plan.curve_sizes if name == plan.curve_task and not i else None,
+            reuse=bool(i) or args.reuse, overwrite=True, progress=not args.quiet)[0]
+        data = json.loads((method_dir / "comparison.json").read_text())
+        methods[method] = {**comp.to_dict(), "settings": data["settings"],
+                           "samples": {k: v[:2] for k, v in comp.predictions.items()}}
+        if comp.curve:
+            figure = args.output.parent / "results" / f"learning_curve_{name}.png"
+            figure.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(method_dir / "learning_curve.png", figure)
+            methods[method]["curve_figure"] = str(figure.relative_to(args.output.parent))
+    return {"task": name, "primary": task.primary_metric, "model": args.model,
+            "settings": {**SETTINGS[name], "train_examples": n, "epochs": plan.epochs[name],
+                         "batch_size": BATCH_SIZE},
+            "test_examples": plan.test_examples, "methods": methods,
+            "wall_seconds": round(time.perf_counter() - t0, 1)}
 
 
-DEFAULT_TASKS = "translation,qa,summarization"
+# --- RESULTS.md -------------------------------------------------------------------------------
+
 PRIMARY_NAMES = {"rougeL": "ROUGE-L", "f1": "F1", "chrf": "chrF"}
 TASK_TITLES = {"summarization": "Summarization (DialogSum)",
                "qa": "Question answering (SQuAD v1.1)",
                "translation": "Translation EN→DE (Multi30k)"}
+TABLE_KEYS = ("rouge1", "rouge2", "rougeL", "exact_match", "f1", "bleu", "chrf",
+              "token_overlap", "loss", "empty_rate")
 
 
-def _table(systems: dict[str, dict[str, float]]) -> list[str]:
-    keys = [k for k in ("rouge1", "rouge2", "rougeL", "exact_match", "f1", "bleu", "chrf",
-                        "token_overlap", "loss", "empty_rate", "examples_per_s")
-            if any(k in m for m in systems.values())]
+def _soft_name(method: str) -> str:
+    return f"{SOFT} ({method})"
+
+
+def _systems(r: dict) -> tuple[dict[str, dict], dict[str, dict]]:
+    """All systems of a task (each method's soft prompt, then the hard prompts) and spreads."""
+    systems, spread = {}, {}
+    for method, m in r["methods"].items():
+        systems[_soft_name(method)] = m["systems"][SOFT]
+        spread[_soft_name(method)] = m["spread"].get(SOFT, {})
+    first = next(iter(r["methods"].values()))
+    systems.update({k: v for k, v in first["systems"].items() if k != SOFT})
+    return systems, spread
+
+
+def _table(systems: dict[str, dict], spread: dict[str, dict]) -> list[str]:
+    keys = [k for k in TABLE_KEYS if any(k in m for m in systems.values())]
     lines = ["| system | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, m in systems.items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.2f}" for k in keys) + " |")
+        std = spread.get(name, {})
+        cells = [f"{m[k]:.2f}" + (f" ± {std[k]:.2f}" if k in std else "") for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _best_margin(m: dict) -> dict | None:
+    return next((i for i in m["intervals"] if i["best"]), None)
+
+
+def _summary(results: list[dict]) -> list[str]:
+    lines = ["| task | metric | method | soft prompt (mean ± std) | best hard prompt | "
+             "margin, 95% CI | significant |", "|---" * 7 + "|"]
+    for r in results:
+        p = r["primary"]
+        for method, m in r["methods"].items():
+            b = _best_margin(m)
+            if b is None:
+                continue
+            soft, std = m["systems"][SOFT][p], m["spread"].get(SOFT, {}).get(p, 0.0)
+            hard = m["systems"][b["system"]][p]
+            lines.append(f"| {r['task']} | {PRIMARY_NAMES.get(p, p)} | {method} | "
+                         f"{soft:.2f} ± {std:.2f} | {hard:.2f} ({b['system']}) | "
+                         f"{b['estimate']:+.2f} [{b['low']:+.2f}, {b['high']:+.2f}] | "
+                         f"{'yes' if b['significant'] else 'no'} |")
+    return lines
+
+
+def _findings(results: list[dict]) -> list[str]:
+    """What the tables say, computed from them (no figure here is written by hand)."""
+    margins = [(r["task"], method, _best_margin(m)) for r in results
+               for method, m in r["methods"].items() if _best_margin(m)]
+    wins = [x for x in margins if x[2]["significant"] and x[2]["estimate"] > 0]
+    losses = [x for x in margins if x[2]["significant"] and x[2]["estimate"] < 0]
+    lines = ["## What we found", "",
+             f"- Of {len(margins)} (task, method) pairs, the soft prompt beats the best hard "
+             f"prompt significantly in {len(wins)}, loses significantly in {len(losses)}, and "
+             f"{len(margins) - len(wins) - len(losses)} are not significant (95% CI contains "
+             "0)."]
+    best = [b["system"] for _, _, b in margins]
+    lines.append("- The best hard prompt: " + "; ".join(
+        f"`{name}` for {best.count(name)} of {len(best)}" for name in sorted(set(best))) + ".")
+    for r in results:
+        p = r["primary"]
+        systems = next(iter(r["methods"].values()))["systems"]
+        zero = max((m[p], n) for n, m in systems.items() if n != SOFT and "shots" not in m)
+        few = [(m[p], n, m) for n, m in systems.items() if "shots" in m]
+        if few:
+            top = max(few, key=lambda x: x[0])
+            lines.append(f"- {r['task']}: the best few-shot prompt `{top[1]}` scores "
+                         f"{top[0]:.2f} {PRIMARY_NAMES.get(p, p)} against {zero[0]:.2f} for "
+                         f"the best zero-shot `{zero[1]}` ({top[0] - zero[0]:+.2f}); "
+                         f"{top[2]['shots_mean']:.2f} of {int(top[2]['shots'])} demonstrations "
+                         f"fitted per example on average.")
+    for r in results:
+        for method, m in r["methods"].items():
+            if m.get("curve"):
+                p = r["primary"]
+                points = ", ".join(f"{c['train_examples']}: {c['mean']:.2f} ± {c['std']:.2f}"
+                                   for c in m["curve"])
+                lines.append(f"- Learning curve ({r['task']}, {method}), "
+                             f"{PRIMARY_NAMES.get(p, p)} by training examples: {points}.")
+    return lines + [""]
 
 
 def _sweep_section(sweep_dir: Path) -> list[str]:
@@ -155,107 +391,71 @@ def _sweep_section(sweep_dir: Path) -> list[str]:
     return lines
 
 
-def _findings(results: list[dict]) -> list[str]:
-    """What the tables say, computed from them (no figure here is written by hand)."""
-    lines = ["## What we found", ""]
-    margins = []
-    for r in results:
-        p = r["primary"]
-        soft = r["systems"][SOFT][p]
-        best, name = max((m[p], n) for n, m in r["systems"].items() if n != SOFT)
-        margins.append((r["task"], PRIMARY_NAMES.get(p, p), soft - best, name))
-    wins = sum(m[2] > 0 for m in margins)
-    lines.append(f"- **The soft prompt beats the best other system on {wins} of "
-                 f"{len(margins)} task(s)** (margin on the primary metric): "
-                 + "; ".join(f"{t} {m} {d:+.2f} against `{n}`" for t, m, d, n in margins) + ".")
-    best_other = [n for *_, n in margins]
-    lines.append("- The best other system: " + "; ".join(
-        f"`{name}` on {best_other.count(name)} of {len(margins)} task(s)"
-        for name in sorted(set(best_other))) + ".")
-    empties = [(r["task"], *max((m.get("empty_rate", 0.0), n) for n, m in r["systems"].items()))
-               for r in results]
-    lines.append("- Empty outputs (the model ends its answer at once; the stop rule skips "
-                 "leading whitespace, so these are not answers cut on a newline), the highest "
-                 "share per task: " + "; ".join(f"{t} {rate:.1f}% ({n})" if rate else f"{t} none"
-                                                 for t, rate, n in empties) + ".")
-    for r in results:
-        s, curve = r["settings"], r.get("epochs", [])
-        metric = f"val_{r['primary']}"
-        text = (f"- {r['task']}: the prompt was trained on the first "
-                f"{s['max_train_examples']} training examples for {s['epochs']} epoch(s) "
-                f"({r['train_seconds']:.0f} s)")
-        if any(metric in e for e in curve):
-            text += (f"; validation {PRIMARY_NAMES.get(r['primary'], r['primary'])} by epoch "
-                     f"(first {r.get('val_limit', VAL_LIMIT)} "
-                     "validation examples): "
-                     + ", ".join(f"{e[metric]:.2f}" for e in curve if metric in e))
-        lines.append(text + ".")
-    for r in results:
-        p = r["primary"]
-        gaps = [(m["token_overlap"] - m[p], n, m) for n, m in r["systems"].items()
-                if "token_overlap" in m]
-        if gaps:
-            _, name, m = max(gaps)
-            lines.append(f"- `token_overlap` (the study's metric: the share of generated word "
-                         f"types found in the reference, so input words copied into the output "
-                         f"count too) against {PRIMARY_NAMES.get(p, p)} in {r['task']}: the "
-                         f"widest gap is `{name}`, {m['token_overlap']:.2f} against "
-                         f"{m[p]:.2f}.")
+def _provenance(run: dict, results: list[dict]) -> list[str]:
+    lines = [f"- Command: `{run['command']}`", f"- Commit: {run['commit']}",
+             f"- Machine: {run['machine']}", f"- Date: {run['date']}",
+             f"- Total time: {run['wall_seconds'] / 60:.0f} minutes (estimated beforehand: "
+             f"{run['plan']['estimate_seconds'] / 60:.0f})", "", "| task | wall time |",
+             "|---|---|"]
+    lines += [f"| {r['task']} | {r['wall_seconds'] / 60:.0f} min |" for r in results]
     return lines + [""]
-
-
-def _provenance(results: list[dict]) -> list[str]:
-    """Per task: the command, commit, machine and date of its run."""
-    lines = ["| task | command | commit | machine | date | wall time |", "|---" * 6 + "|"]
-    for r in results:
-        lines.append(f"| {r['task']} | `{r['command']}` | {r.get('commit', 'not recorded')} | "
-                     f"{r['machine']} | {r.get('date', '?')} | "
-                     f"{r['wall_seconds'] / 60:.0f} min |")
-    return lines
 
 
 def write_results_md(out: Path, path: Path = ROOT / "RESULTS.md",
                      sweep_dir: Path = ROOT / "bench" / "out") -> None:
-    """RESULTS.md from results-output/<task>/result.json (and the sweep, if present)."""
+    """RESULTS.md from <out>/run.json and <out>/<task>/result.json (and the sweep)."""
+    run = json.loads((out / "run.json").read_text())
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
-    order = {"summarization": 0, "qa": 1, "translation": 2}
+    results = [r for r in results if "methods" in r]  # result files of this script's format
+    order = {t: i for i, t in enumerate(TASKS)}
     results.sort(key=lambda r: order.get(r["task"], 9))
-    sizes = sorted({r.get("test_examples", "?") for r in results}, key=str)
+    plan = run["plan"]
     md = ["# Results on real data", "",
-          f"Soft prompt vs hand-written prompts with the bundled {DEFAULT_MODEL}, on the test "
-          f"splits of `{DATA.parent.name}/{DATA.name}` ({', '.join(map(str, sizes))} examples "
-          "per task). Every system goes through the same template, truncation, greedy "
-          "decoding and metrics; only what stands in front of the input differs. Scores "
-          "are 0-100 (loss: mean target-token cross-entropy, teacher-forced; empty_rate: % "
-          "of empty outputs).", "",
-          f"Generated by `python bench/results.py` (report written at commit {git_commit()}, "
-          f"{_now()}) from these runs, {sum(r['wall_seconds'] for r in results) / 60:.0f} "
-          "minutes in all:", ""]
+          f"Soft prompts vs hand-written prompts with {run['model']}, on the test splits of "
+          f"`{DATA.parent.name}/{DATA.name}`. Every system goes through the same template, "
+          "truncation, greedy decoding and metrics; only what stands in front of the input "
+          f"differs. Soft prompts: {len(plan['seeds'])} training seeds "
+          f"({', '.join(map(str, plan['seeds']))}) per method, shown as mean ± sample std. Hard "
+          f"prompts: zero-shot and {', '.join(str(k) for k in plan['shots'] if k)}-shot "
+          "(demonstrations drawn once from the training split, seed 0, as many as fit the "
+          "model's context beside the whole input). Margins: soft prompt (mean over seeds) "
+          "minus the best hard prompt on the primary metric, with a paired bootstrap 95% "
+          "interval over the test examples (1,000 resamples, seed 0). Scores are 0-100 (loss: "
+          "mean target-token cross-entropy, teacher-forced; empty_rate: % of empty outputs).",
+          "", f"Generated by `python bench/results.py` (this file written {_now()}):", ""]
+    md += _provenance(run, results)
+    md += ["## What was cut to fit the budget", ""] + [f"- {c}" for c in plan["cuts"]] + [""]
     if results:
-        md += _provenance(results) + [""]
-        md += ["| task | primary metric | soft prompt | best other system | margin |",
-               "|---|---|---|---|---|"]
-        for r in results:
-            p = r["primary"]
-            soft = r["systems"][SOFT][p]
-            best_score, best_name = max((m[p], n) for n, m in r["systems"].items() if n != SOFT)
-            md.append(f"| {r['task']} | {PRIMARY_NAMES.get(p, p)} | {soft:.2f} | "
-                      f"{best_score:.2f} ({best_name}) | {soft - best_score:+.2f} |")
-        md.append("")
+        md += ["## Summary", ""] + _summary(results) + [""]
     for r in results:
         s = r["settings"]
+        systems, spread = _systems(r)
         md += [f"## {TASK_TITLES.get(r['task'], r['task'])}", "",
-               f"Soft prompt: P={s['num_virtual_tokens']}, lr={s['lr']}, {s['epochs']} epoch(s) "
-               f"on the first {s['max_train_examples']} training examples, batch "
-               f"{r.get('batch_size', BATCH_SIZE)}, max length {s['max_length']}; training "
-               f"took {r['train_seconds']:.0f} s.", ""]
-        md += _table(r["systems"]) + [""]
+               f"Soft prompts: P={s['num_virtual_tokens']}, lr={s['lr']}, {s['epochs']} "
+               f"epoch(s) on the first {s['train_examples']} training examples, batch "
+               f"{s['batch_size']}, max length {s['max_length']}; "
+               f"{r['test_examples'] or 'all'} test examples. Training time per seed: "
+               + ", ".join(f"{m}: {v['train_seconds']:.0f} s" for m, v in r["methods"].items()
+                           if v.get("train_seconds") is not None) + ".", ""]
+        md += _table(systems, spread) + [""]
+        for method, m in r["methods"].items():
+            md += [f"- {method}: {margin_sentence(i)}" for i in m["intervals"] if i["best"]]
+        md.append("")
+        for method, m in r["methods"].items():
+            if m.get("curve"):
+                md += [f"Learning curve ({method}): {PRIMARY_NAMES.get(r['primary'])} against "
+                       "training examples, the best zero- and few-shot hard prompts as lines.",
+                       "", f"![learning curve]({m['curve_figure']})", ""]
+        first = next(iter(r["methods"].values()))["samples"]
         md += ["Sample outputs (first test examples):", ""]
-        first = next(iter(r["samples"].values()))
-        for i, row in enumerate(first[:2]):
+        for i, row in enumerate(next(iter(first.values()))[:2]):
             text = row["input"] if len(row["input"]) < 400 else row["input"][:400] + " ..."
             md += ["```", text, "```", f"- reference: {row['references'][0]!r}"]
-            md += [f"- {name}: {rows[i]['prediction']!r}" for name, rows in r["samples"].items()]
+            for method, m in r["methods"].items():
+                md.append(f"- {_soft_name(method)}, seed {m['seeds'][0]}: "
+                          f"{m['samples'][SOFT][i]['prediction']!r}")
+            md += [f"- {name}: {rows[i]['prediction']!r}" for name, rows in first.items()
+                   if name != SOFT]
             md.append("")
     if results:
         md += _findings(results)
@@ -263,15 +463,24 @@ def write_results_md(out: Path, path: Path = ROOT / "RESULTS.md",
     path.write_text("\n".join(md) + "\n", encoding="utf-8")
 
 
-def _command(args, task: str) -> str:
-    """The command that reproduces ``task``'s run from scratch (options that only say where
-    files go, or skip finished work, left out)."""
-    parts = ["python bench/results.py", "--tasks", task]
-    for flag, value, default in (("--limit", args.limit, None),
+def _command(args) -> str:
+    """The command that reproduces the run from scratch (options that only say where files
+    go, or skip finished work, left out)."""
+    parts = ["python bench/results.py"]
+    for flag, value, default in (("--tasks", args.tasks, ",".join(TASKS)),
+                                 ("--methods", args.methods, "prompt"),
+                                 ("--seeds", args.seeds, ",".join(map(str, SEEDS))),
+                                 ("--shots", args.shots, ",".join(map(str, SHOTS))),
+                                 ("--limit", args.limit, TEST_EXAMPLES),
                                  ("--train-limit", args.train_limit, None),
                                  ("--epochs", args.epochs, None),
+                                 ("--curve-task", args.curve_task, CURVE_TASK),
+                                 ("--curve-sizes", args.curve_sizes,
+                                  ",".join(map(str, CURVE_SIZES))),
+                                 ("--budget-hours", args.budget_hours, BUDGET_HOURS),
                                  ("--val-limit", args.val_limit, VAL_LIMIT),
-                                 ("--val-loss-limit", args.val_loss_limit, VAL_LOSS_LIMIT)):
+                                 ("--val-loss-limit", args.val_loss_limit, VAL_LOSS_LIMIT),
+                                 ("--model", args.model, DEFAULT_MODEL)):
         if value != default:
             parts += [flag, str(value)]
     return " ".join(parts)
@@ -281,46 +490,77 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", default=DEFAULT_TASKS)
-    ap.add_argument("--limit", type=int, default=None, help="test examples per task")
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--methods", default="prompt",
+                    help="comma-separated training methods (prompt, ptuning, residual, prefix "
+                         "where the tree has them; default: prompt)")
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds")
+    ap.add_argument("--shots", default=",".join(map(str, SHOTS)),
+                    help="K of the hard baselines (0: zero-shot)")
+    ap.add_argument("--limit", type=int, default=TEST_EXAMPLES, help="test examples per task")
     ap.add_argument("--train-limit", type=int, default=None,
-                    help="training examples per task (default: SETTINGS' max_train_examples)")
+                    help="training examples per task (default: cut to fit --budget-hours)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="training epochs per task (default: SETTINGS' epochs)")
+    ap.add_argument("--curve-task", default=CURVE_TASK, help="the task with a learning curve "
+                    "('none': no curve)")
+    ap.add_argument("--curve-sizes", default=",".join(map(str, CURVE_SIZES)),
+                    help="learning-curve training sizes below the task's own (which is "
+                         "always a point)")
+    ap.add_argument("--budget-hours", type=float, default=BUDGET_HOURS,
+                    help="the run's time budget on the 2-core machine of TIMINGS")
     ap.add_argument("--val-limit", type=int, default=VAL_LIMIT,
                     help="validation examples generated per epoch for the task metric")
     ap.add_argument("--val-loss-limit", type=int, default=VAL_LOSS_LIMIT,
                     help="validation examples for the validation loss")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="the frozen model")
     ap.add_argument("--out", default=str(ROOT / "results-output"))
     ap.add_argument("--output", type=Path, default=ROOT / "RESULTS.md",
-                    help="the Markdown file to write (default: RESULTS.md)")
+                    help="the Markdown file to write (default: RESULTS.md; the learning "
+                         "curve goes to results/ beside it)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep trained prompts and finished evaluations in --out; run the rest")
     ap.add_argument("--report-only", action="store_true",
                     help="only rewrite --output from results already in --out")
-    args = ap.parse_args()
+    ap.add_argument("--plan", action="store_true", help="print the plan and its estimate")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     out = Path(args.out)
     if args.report_only:
         write_results_md(out, args.output)
         return
-    for name in args.tasks.split(","):
-        previous = out / name / "result.json"
-        commit = git_commit()
-        result = run_task(name, out, args)
-        if args.reuse and previous.is_file():  # keep the wall time of the original run
-            result["wall_seconds"] += json.loads(previous.read_text())["wall_seconds"]
-        result["machine"] = machine()
-        result["commit"] = commit
-        result["val_limit"] = args.val_limit
-        result["command"] = _command(args, name)
-        result["date"] = _now()
-        (out / name).mkdir(parents=True, exist_ok=True)
-        (out / name / "result.json").write_text(json.dumps(result, indent=1))
-        soft = result["systems"][SOFT][result["primary"]]
-        best = max((m[result["primary"]], s) for s, m in result["systems"].items() if s != SOFT)
-        print(f"{name}: soft {soft:.2f} vs best hard {best[0]:.2f} ({best[1]})", flush=True)
+    plan = make_plan(args)
+    per_task = estimate(plan)
+    print(json.dumps({**asdict(plan), "estimate_per_task_seconds":
+                      {t: round(s) for t, s in per_task.items()}}, indent=1), flush=True)
+    if args.plan:
+        return
+    for method in plan.methods:
+        method_options(method)  # an unknown method answers before hours of work
+    for name in plan.tasks:
+        result_path = out / name / "result.json"
+        previous = json.loads(result_path.read_text()) if result_path.is_file() else {}
+        result = run_task(name, plan, out, args)
+        if args.reuse and "methods" in previous:  # the earlier run's time counts too
+            result["wall_seconds"] += previous["wall_seconds"]
+        result_path.parent.mkdir(parents=True, exist_ok=True)
+        result_path.write_text(json.dumps(result, indent=1))
+        for method, m in result["methods"].items():
+            best = _best_margin(m)
+            if best:
+                print(f"{name} {method}: {margin_sentence(best)}", flush=True)
+    wall = sum(json.loads((out / t / "result.json").read_text())["wall_seconds"]
+               for t in plan.tasks)
+    run = {"command": _command(args), "commit": git_commit(), "machine": machine(),
+           "date": _now(), "wall_seconds": round(wall, 1), "model": args.model,
+           "plan": asdict(plan)}
+    (out / "run.json").write_text(json.dumps(run, indent=1))
     write_results_md(out, args.output)
 
 

@@ -102,13 +102,14 @@ def test_compare_end_to_end_writes_report_and_plots(tiny_dirs, samples, tmp_path
     assert len(comps) == 2
     for comp in comps:
         assert list(comp.systems) == [SOFT, "hard: study", "hard: ours", "hard: user",
-                                      "no instruction"]
+                                      "no instruction", "hard: ours, 3-shot"]
         assert [r["epoch"] for r in comp.train_log if r["event"] == "epoch"] == [1, 2]
         assert all("val_chrf" in r for r in comp.train_log if r["event"] == "epoch")
     report = (out / "report.md").read_text()
     assert "| system |" in report and "hard: study" in report and "Sample outputs" in report
     images = sorted(p.name for p in out.glob("*.png"))
-    assert "scaling.png" in images and len(images) == 1 + 2 * 3  # bars, loss, val per model
+    # per model: intervals, bars, loss, val
+    assert "scaling.png" in images and len(images) == 1 + 2 * 4
     for name in images:
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 1000

@@ -231,8 +231,8 @@ def test_prompt_pool_refuses_autocast_it_cannot_apply(trained):
 # --- command line -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
-def test_every_command_takes_precision(command):
+@pytest.mark.parametrize("command", ["train", "generate", "evaluate", "compare", "serve"])
+def test_every_command_that_runs_the_model_takes_precision(command):
     parser = cli.build_parser()
     required = {"train": ["--task", "qa", "--train", "t", "--output", "o"],
                 "generate": ["--prompt", "p", "--input", "x"],

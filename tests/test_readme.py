@@ -66,7 +66,8 @@ def _command_lines() -> list[list[str]]:
 def test_every_softprompt_command_line_in_the_readme_parses():
     commands = _command_lines()
     assert len(commands) >= 12, commands  # the quickstart, resuming, processes, errors
-    assert {c[0] for c in commands} == {"train", "generate", "evaluate", "compare", "serve"}
+    assert {c[0] for c in commands} == {"train", "generate", "evaluate", "compare", "serve",
+                                        "export", "import", "inspect"}
     parser = build_parser()
     for words in commands:
         args = parser.parse_args(words)  # argparse exits (code 2) on a flag that is gone
@@ -118,7 +119,7 @@ def test_python_blocks_run(tiny_dirs, tmp_path, monkeypatch, capsys):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 6, printed
+    assert len(printed) == 7, printed
     runs = tmp_path / "runs"
     meta = json.loads((runs / "de-py" / "softprompt.json").read_text())
     assert meta["model"] == "smollm2-135m" and meta["num_virtual_tokens"] == 20
@@ -131,7 +132,11 @@ def test_python_blocks_run(tiny_dirs, tmp_path, monkeypatch, capsys):
     # The prompt pool decodes both inputs as the loaded prompt does alone.
     pm = api.load_prompt(runs / "de-py")
     assert printed[5] == str(pm.generate(["A dog runs.", "Two cats sleep."]))
-    assert sorted(p.name for p in runs.iterdir()) == ["de-py", "de-py-cmp", "de-py-eval"]
+    # PEFT, given the exported adapter, picks the tokens we pick (the Interop block).
+    alone = pm.generate("A dog is running on the beach.", max_new_tokens=12)
+    assert printed[6] == alone
+    assert sorted(p.name for p in runs.iterdir()) == ["de-py", "de-py-cmp", "de-py-eval",
+                                                      "de-py-peft"]
 
 
 @pytest.mark.parametrize("name", ["train", "evaluate", "compare", "generate", "load_prompt"])

@@ -23,6 +23,8 @@ _EXPORTS = {
     "load_model": "softprompt.models", "SoftPrompt": "softprompt.prompt",
     "load_prompt_tensor": "softprompt.prompt", "Task": "softprompt.tasks",
     "get_task": "softprompt.tasks",
+    "export_peft": "softprompt.interop", "import_peft": "softprompt.interop",
+    "inspect_prompt": "softprompt.inspection", "PromptInspection": "softprompt.inspection",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

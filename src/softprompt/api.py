@@ -111,7 +111,8 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
              overwrite: bool = False, progress: bool = False,
              device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
              precision: str = "auto", chat_template: bool | None = None,
-             loaded: tuple[Any, Any] | None = None,
+             loaded: tuple[Any, Any] | None = None, shots: int = 0, shots_seed: int = 0,
+             train: str | Path | None = None, train_split: str = "train",
              **options: Any) -> evaluation.EvalResult:
     """Score one system on a test set: a trained ``prompt`` directory, a ``hard``
     instruction, or (neither) the bare template.
@@ -119,10 +120,21 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
     ``task`` defaults to the prompt's; ``model`` to the prompt's or the bundled model;
     ``chat_template`` (None: the prompt's own setting) wraps inputs in the chat template;
     ``options`` are GenerationConfig fields (``max_new_tokens`` defaults to the task's).
+    ``shots`` > 0 puts that many solved examples from ``train`` (drawn with ``shots_seed``)
+    before each input of a hard prompt (few-shot; see :mod:`softprompt.evaluation`).
     With ``output``, writes ``predictions.jsonl`` and ``metrics.json`` there.
     """
     if prompt is not None and hard is not None:
         raise SoftPromptError("give at most one of --prompt DIR and --hard TEXT")
+    if shots < 0 or shots_seed < 0:
+        raise SoftPromptError(f"--shots and --shots-seed must be zero or positive, got "
+                              f"{shots!r} and {shots_seed!r}")
+    if shots and prompt is not None:
+        raise SoftPromptError("--shots puts demonstrations before a hard prompt; drop it with "
+                              "--prompt")
+    if shots and train is None:
+        raise SoftPromptError("--shots K draws its demonstrations from the training data; "
+                              "give --train PATH")
     check_count("--limit", limit)
     check_count("--max-length", max_length)
     torch_device = models.resolve_device(device)
@@ -150,6 +162,10 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
     gen = GenerationConfig(**{"max_new_tokens": task_obj.max_new_tokens, **options})
     records = read_records(test, test_split, limit=limit)
     make_examples(task_obj, records)  # bad records answer before the model load
+    if shots:  # demonstrations from the training split only; the chat-template hook: chat=
+        system = evaluation.few_shot_system(
+            task_obj, f"{system.name}, {shots}-shot", read_records(train, train_split), shots,
+            shots_seed, system.instruction, chat=system.chat)
     lm, tokenizer = loaded or models.load_model(model_name, dtype=torch_dtype,
                                                 device=torch_device)
     if tensor is not None:
@@ -170,6 +186,8 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
             test_split: str = "test", limit: int | None = None, val_limit: int = 20,
             max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
             eval_batch_size: int = 16, eval_seed: int = 0,
+            shots: Sequence[int] | None = None, shots_seed: int = 0,
+            seeds: Sequence[int] | None = None, train_sizes: Sequence[int] = (),
             overwrite: bool = False, reuse: bool = False, progress: bool = True,
             device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
             precision: str = "auto", chat_template: bool = False,
@@ -178,6 +196,9 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
 
     ``options`` are PromptConfig/TrainConfig fields for training the soft prompt (``epochs``,
     ``batch_size``, ...); generation has its own ``eval_batch_size`` and ``eval_seed``.
+    ``shots``: the K of the hard baselines (default ``(0, 3)`` with ``train``, else ``(0,)``),
+    demonstrations drawn from ``train`` with ``shots_seed``; ``seeds``: one soft prompt per
+    seed (mean ± std, default the ``seed`` option); ``train_sizes``: the learning curve.
     """
     from softprompt import comparison
 
@@ -198,6 +219,8 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
         model_names=[m for m in names if m], splits=(train_split, validation_split, test_split),
         limit=limit, val_limit=val_limit, generation=gen,
         prompt_config=PromptConfig(**prompt_opts), train_config=TrainConfig(**train_opts),
+        shots=None if shots is None else list(shots), shots_seed=shots_seed,
+        seeds=None if seeds is None else list(seeds), train_sizes=list(train_sizes),
         overwrite=overwrite, reuse=reuse, progress=progress, device=device, dtype=dtype,
         precision=precision)
 

@@ -184,7 +184,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           task=task, model=args.model, test_split=args.test_split,
                           limit=args.limit, max_length=args.max_length,
                           overwrite=args.overwrite, progress=not args.quiet, **_runtime(args),
-                          chat_template=args.chat_template, **_generation_options(args))
+                          shots=args.shots, shots_seed=args.shots_seed, train=args.train,
+                          train_split=args.train_split, chat_template=args.chat_template,
+                          **_generation_options(args))
     print(json.dumps(result.metrics, indent=1))
     return 0
 
@@ -200,12 +202,43 @@ def cmd_compare(args: argparse.Namespace) -> int:
         train_split=args.train_split, validation_split=args.validation_split,
         test_split=args.test_split, limit=args.limit, val_limit=args.val_limit,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        eval_batch_size=args.eval_batch_size, eval_seed=args.eval_seed,
+        eval_batch_size=args.eval_batch_size, eval_seed=args.eval_seed, **_study_options(args),
         overwrite=args.overwrite, reuse=args.reuse, progress=not args.quiet, **_runtime(args),
         chat_template=args.chat_template, **_pick(args, PromptConfig), **_pick(args, TrainConfig))
     print(summary(comparisons))
     print(f"\nreport: {Path(args.output) / 'report.md'}")
     return 0
+
+
+def _int_list(flag: str):
+    """An argparse type: ``"0,1,2"`` -> ``[0, 1, 2]``, a one-line error naming ``flag``."""
+    def parse(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, e.g. "
+                                             f"0,1,2; got {text!r}") from None
+    return parse
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("study: few-shot baselines, seeds, learning curve")
+    g.add_argument("--shots", type=_int_list("--shots"), default=None, metavar="K1,K2",
+                   help="hard baselines with K demonstrations from --train each; 0 is "
+                        "zero-shot (default: 0,3 with --train, else 0)")
+    g.add_argument("--shots-seed", type=int, default=0, metavar="INT",
+                   help="seed that draws the demonstrations (default: 0)")
+    g.add_argument("--seeds", type=_int_list("--seeds"), default=None, metavar="S1,S2",
+                   help="train one soft prompt per seed: mean ± std and intervals over them "
+                        "(default: --seed)")
+    g.add_argument("--train-sizes", type=_int_list("--train-sizes"), default=None,
+                   metavar="N1,N2", help="learning curve: also train on the first N training "
+                   "examples for each N (every seed)")
+
+
+def _study_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"shots": args.shots, "shots_seed": args.shots_seed, "seeds": args.seeds,
+            "train_sizes": args.train_sizes or ()}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -256,8 +289,21 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> None:
                    help="input tokens kept per example (default: 1024)")
     p.add_argument("--overwrite", action="store_true", help="replace results in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_few_shot_args(p)
     _add_dataclass(p, GenerationConfig, shown=TASK_DEFAULT)
     p.set_defaults(max_new_tokens=None)
+
+
+def _add_few_shot_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("few-shot")
+    g.add_argument("--shots", type=int, default=0, metavar="K",
+                   help="put K solved training examples before each input of the hard prompt "
+                        "(as many as fit; default: 0)")
+    g.add_argument("--shots-seed", type=int, default=0, metavar="INT",
+                   help="seed that draws the K demonstrations (default: 0)")
+    g.add_argument("--train", help="training data the demonstrations come from (with --shots)")
+    g.add_argument("--train-split", default="train", help="split of an hf: --train "
+                   "(default: train)")
 
 
 def _compare_parser(p: argparse.ArgumentParser) -> None:
@@ -286,6 +332,7 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse", action="store_true",
                    help="keep evaluations already in --output; run only missing systems")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_study_args(p)
     _add_dataclass(p, PromptConfig)
     _add_dataclass(p, TrainConfig)
     g = _add_dataclass(p, GenerationConfig, skip=("seed", "batch_size"), shown=TASK_DEFAULT)
@@ -330,12 +377,76 @@ def _generate_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(max_new_tokens=None)
 
 
+# --- PEFT interop and inspection (softprompt.interop, softprompt.inspection) ------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from softprompt.interop import export_peft
+
+    out = export_peft(args.directory, args.output, model=args.model, overwrite=args.overwrite)
+    kind = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))["peft_type"]
+    print(f"wrote {kind} adapter to {out}; load it with "
+          f"PeftModel.from_pretrained(base_model, {str(out)!r})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from softprompt.interop import import_peft
+
+    meta = import_peft(args.adapter, args.output, model=args.model, task=args.task,
+                       overwrite=args.overwrite)
+    print(f"saved {getattr(meta, 'method', 'prompt')} ({meta.num_virtual_tokens} virtual "
+          f"tokens, model {meta.model}) to {args.output}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from softprompt.inspection import inspect_prompt
+
+    result = inspect_prompt(args.directory, top_k=args.top_k, model=args.model, plot=args.plot)
+    print(json.dumps(result.to_dict(), ensure_ascii=False) if args.json else result.format())
+    return 0
+
+
+def _export_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", metavar="DIR", help="a trained prompt directory")
+    p.add_argument("--format", choices=["peft"], required=True,
+                   help="peft: adapter_config.json + adapter_model.safetensors (PEFT 0.21)")
+    p.add_argument("--output", required=True, help="the adapter directory to write")
+    p.add_argument("--model", default=None, help="override the model recorded with the prompt")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter in --output")
+
+
+def _import_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", metavar="ADAPTER", help="a PEFT PROMPT_TUNING, P_TUNING or "
+                   "PREFIX_TUNING adapter directory")
+    p.add_argument("--output", required=True, help="the prompt directory to write")
+    p.add_argument("--model", default=None,
+                   help="override the adapter's base_model_name_or_path")
+    p.add_argument("--task", default=None, help="task recorded with the prompt (summarization, "
+                   "qa, translation or a YAML file; default: the plain {text} task)")
+    p.add_argument("--overwrite", action="store_true", help="replace a prompt in --output")
+
+
+def _inspect_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory", metavar="DIR", help="a trained prompt or PEFT adapter directory")
+    p.add_argument("--top-k", type=int, default=5,
+                   help="nearest vocabulary tokens per virtual token (default: 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="write a PNG: similarity heat map (and per-layer norms for a prefix)")
+    p.add_argument("--model", default=None, help="override the model recorded with the prompt")
+
+
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {
     "train": (_train_parser, cmd_train, "train a soft prompt"),
     "generate": (_generate_parser, cmd_generate, "generate with a trained prompt"),
     "evaluate": (_evaluate_parser, cmd_evaluate, "score a soft or hard prompt on a test set"),
     "compare": (_compare_parser, cmd_compare, "soft vs hard prompts, with a report"),
     "serve": (_serve_parser, cmd_serve, "serve many prompts over an OpenAI-compatible API"),
+    "export": (_export_parser, cmd_export, "write a prompt as a PEFT adapter"),
+    "import": (_import_parser, cmd_import, "convert a PEFT adapter into a prompt directory"),
+    "inspect": (_inspect_parser, cmd_inspect, "nearest tokens, norms and plots of a prompt"),
 }
 
 

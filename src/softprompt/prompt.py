@@ -188,7 +188,12 @@ def load_meta(directory: str | Path) -> PromptMeta:
 
 def load_prompt_tensor(directory: str | Path) -> tuple[PromptLike, PromptMeta]:
     """Load the trained prompt (``[P, H]`` tensor or :class:`KVPrefix`) and its meta,
-    checking they agree."""
+    checking they agree. A PEFT adapter directory (``adapter_config.json``) loads too
+    (softprompt.interop)."""
+    from softprompt import interop
+
+    if interop.is_peft_adapter(directory):
+        return interop.read_adapter(directory)
     meta = load_meta(directory)
     name, key = (PREFIX_FILE, PREFIX_KEY) if meta.is_prefix else (PROMPT_FILE, TENSOR_KEY)
     path = Path(directory) / name

@@ -1,12 +1,16 @@
-"""Comparison reports: a Markdown (and HTML) table, loss curves, bar charts, sample outputs.
+"""Comparison reports: ``report.md`` and a self-contained ``report.html`` (inline style,
+every figure embedded) with the run's settings, the metric table (best value per metric
+highlighted, mean ± std over seeds), the soft prompt's margins with their bootstrap intervals,
+the learning curve, loss curves, bar charts and sample outputs beside the reference.
 
 Plots are PNG files drawn with matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
 
+import base64
 import html
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,19 @@ class ModelComparison:
     systems: dict[str, dict[str, float]]  # system name -> metrics
     predictions: dict[str, list[dict[str, Any]]]  # system name -> prediction rows
     train_log: list[dict[str, Any]] = field(default_factory=list)
-    train_seconds: float | None = None
+    train_seconds: float | None = None  # mean over seeds
+    spread: dict[str, dict[str, float]] = field(default_factory=dict)  # system -> metric -> std
+    seeds: list[int] = field(default_factory=lambda: [0])
+    seed_metrics: list[dict[str, Any]] = field(default_factory=list)  # the soft prompt per seed
+    intervals: list[dict[str, Any]] = field(default_factory=list)  # soft - each hard system
+    curve: list[dict[str, Any]] = field(default_factory=list)  # learning-curve points
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the prediction rows (they are in ``systems/``)."""
+        data = asdict(self)
+        data.pop("predictions")
+        data.pop("train_log")
+        return data
 
 
 def _save(fig, path: Path) -> Path:
@@ -117,22 +133,129 @@ def plot_scaling(comparisons: list[ModelComparison], metric: str, path: Path) ->
     return _save(fig, path)
 
 
+def plot_intervals(intervals: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Soft prompt minus each hard prompt on the primary metric, with its 95% interval."""
+    rows = list(reversed(intervals))
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(rows) + 1.4))
+    for y, r in enumerate(rows):
+        color = "tab:green" if r["significant"] and r["estimate"] > 0 else (
+            "tab:red" if r["significant"] else "0.5")
+        ax.plot([r["low"], r["high"]], [y, y], color=color, lw=2.5)
+        ax.plot([r["estimate"]], [y], "o", color=color, ms=7 if r["best"] else 5)
+    ax.axvline(0, color="0.3", lw=1, ls="--")
+    labels = [f"{r['system']}{' (best hard)' if r['best'] else ''}"
+              f"{'' if r['significant'] else '  n.s.'}" for r in rows]
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    metric = rows[0]["metric"] if rows else ""
+    ax.set_xlabel(f"soft prompt − hard prompt, {metric} "
+                  f"({100 * rows[0]['level']:.0f}% paired bootstrap CI)" if rows else "")
+    ax.set_title(title or "soft prompt margin")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def hard_lines(systems: dict[str, dict[str, float]], metric: str,
+               soft: str = "soft prompt") -> list[tuple[str, float]]:
+    """The learning curve's horizontal lines: the best zero-shot hard prompt and the best
+    K-shot one for each K (systems whose metrics carry ``shots``)."""
+    groups: dict[int, list[tuple[float, str]]] = {}
+    for name, m in systems.items():
+        if name != soft and metric in m:
+            groups.setdefault(int(m.get("shots", 0)), []).append((m[metric], name))
+    return [(name, value) for _, (value, name) in
+            sorted((k, max(group)) for k, group in groups.items())]
+
+
+def plot_learning_curve(curve: list[dict[str, Any]], systems: dict[str, dict[str, float]],
+                        metric: str, path: Path, title: str = "") -> Path:
+    """The soft prompt's metric (mean ± std over seeds) against its training examples, the
+    zero- and few-shot hard prompts as horizontal lines."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    xs = [p["train_examples"] for p in curve]
+    ax.errorbar(xs, [p["mean"] for p in curve], yerr=[p["std"] for p in curve], fmt="o-",
+                capsize=4, lw=2, label=f"soft prompt (mean ± std, {len(curve[0]['seeds'])} "
+                                         f"seed{'s' if len(curve[0]['seeds']) > 1 else ''})")
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
+    for i, (name, value) in enumerate(hard_lines(systems, metric)):
+        ax.axhline(value, ls=styles[i % len(styles)], color=f"C{i + 1}", label=name)
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+    ax.set_xlabel("training examples")
+    ax.set_ylabel(metric)
+    ax.set_title(title or "learning curve")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+LOWER_IS_BETTER = ("loss", "empty_rate")
+HIGHLIGHT_KEYS = SCORE_KEYS + LOWER_IS_BETTER
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def metrics_table(systems: dict[str, dict[str, float]]) -> list[list[str]]:
-    """Rows of a comparison table, header first."""
-    keys = [k for k in TABLE_KEYS if any(k in m for m in systems.values())]
+def _keys(systems: dict[str, dict[str, float]]) -> list[str]:
+    return [k for k in TABLE_KEYS if any(k in m for m in systems.values())]
+
+
+def best_systems(systems: dict[str, dict[str, float]]) -> dict[str, set[str]]:
+    """Per metric, the system(s) with the best value (lowest loss/empty rate, else highest)."""
+    best = {}
+    for key in _keys(systems):
+        if key not in HIGHLIGHT_KEYS:
+            continue
+        values = {n: m[key] for n, m in systems.items() if isinstance(m.get(key), (int, float))}
+        if values:
+            top = (min if key in LOWER_IS_BETTER else max)(values.values())
+            best[key] = {n for n, v in values.items() if v == top}
+    return best
+
+
+def metrics_table(systems: dict[str, dict[str, float]],
+                  spread: dict[str, dict[str, float]] | None = None) -> list[list[str]]:
+    """Rows of a comparison table, header first; ``mean ± std`` where ``spread`` has one."""
+    keys = _keys(systems)
     rows = [["system", *keys]]
-    rows += [[name, *(_fmt(m.get(k, "")) for k in keys)] for name, m in systems.items()]
+    for name, m in systems.items():
+        std = (spread or {}).get(name, {})
+        rows.append([name, *(_fmt(m.get(k, "")) + (f" ± {std[k]:.2f}" if k in std else "")
+                             for k in keys)])
     return rows
 
 
-def markdown_table(rows: list[list[str]]) -> str:
+def markdown_table(rows: list[list[str]], bold: dict[str, set[str]] | None = None) -> str:
+    """A Markdown table; ``bold`` (column -> row names) marks cells in bold."""
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    for r in rows[1:]:
+        cells = [f"**{c}**" if r[0] in (bold or {}).get(key, ()) and c else c
+                 for key, c in zip(rows[0], r)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def margin_sentence(interval: dict[str, Any]) -> str:
+    """``soft prompt - hard: ours (rougeL): +3.20, 95% CI [+1.10, +5.30], significant``."""
+    verdict = "significant" if interval["significant"] else "not significant (CI contains 0)"
+    return (f"soft prompt - {interval['system']} ({interval['metric']}): "
+            f"{interval['estimate']:+.2f}, {100 * interval['level']:.0f}% CI "
+            f"[{interval['low']:+.2f}, {interval['high']:+.2f}], {verdict}")
+
+
+def shots_sentence(systems: dict[str, dict[str, float]]) -> list[str]:
+    """How many demonstrations each few-shot system fitted."""
+    return [f"{name}: {m['shots_mean']:.2f} of {int(m['shots'])} demonstrations per example "
+            f"on average; all {int(m['shots'])} fitted for {m['shots_all_rate']:.0f}% of the "
+            f"examples" for name, m in systems.items() if "shots_mean" in m]
+
+
+def _sample_name(comp: ModelComparison, name: str) -> str:
+    """A system's name beside a sample output (the soft prompt's first seed, of several)."""
+    return f"{name} (seed {comp.seeds[0]})" if name in comp.spread else name
 
 
 def _samples(comp: ModelComparison, n: int) -> list[dict[str, Any]]:
@@ -144,47 +267,214 @@ def _samples(comp: ModelComparison, n: int) -> list[dict[str, Any]]:
     return out
 
 
+def _seed_text(comp: ModelComparison) -> str:
+    if len(comp.seeds) < 2:
+        return ""
+    return (f"The soft prompt row is the mean ± sample std over {len(comp.seeds)} training "
+            f"seeds ({', '.join(map(str, comp.seeds))}); the hard prompts are deterministic "
+            f"(greedy decoding, fixed demonstrations): no spread.")
+
+
+SETTING_LABELS = {
+    "task": "task", "models": "model(s)", "data": "data files", "split_sizes": "split sizes",
+    "method": "method", "prompt": "trained prompt given",
+    "num_virtual_tokens": "P (virtual tokens)",
+    "init": "init", "epochs": "epochs", "lr": "learning rate", "batch_size": "batch size",
+    "max_length": "max length", "seeds": "seeds", "shots": "shots (K)",
+    "shots_seed": "shots seed", "train_sizes": "learning-curve sizes", "decoding": "decoding",
+    "max_new_tokens": "max new tokens", "commit": "commit", "started": "started",
+    "finished": "finished", "seconds": "run time (s)",
+}
+
+
+def _setting_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {v}" for k, v in value.items() if v is not None) or "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    return "-" if value is None else str(value)
+
+
+def _settings_rows(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(SETTING_LABELS.get(k, k), _setting_value(v)) for k, v in settings.items()
+            if k in SETTING_LABELS and v not in (None, [], "")]
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
 def write_report(output_dir: str | Path, task: str, comparisons: list[ModelComparison],
-                 primary_metric: str, n_samples: int = 5) -> Path:
+                 primary_metric: str, n_samples: int = 5,
+                 settings: dict[str, Any] | None = None) -> Path:
     """Write ``report.md``, ``report.html`` and the PNG plots; return the Markdown path."""
     out = Path(output_dir)
     md = [f"# softprompt comparison: {task}", ""]
-    body_html = [f"<h1>softprompt comparison: {html.escape(task)}</h1>"]
+    page = _Html(f"softprompt comparison: {task}")
+    if settings:
+        md += ["## Settings", "", "| setting | value |", "|---|---|"]
+        md += [f"| {k} | {v} |" for k, v in _settings_rows(settings)] + [""]
+        page.settings(_settings_rows(settings))
     for comp in comparisons:
         slug = comp.model.replace("/", "_")
         prefix = f"{slug}-" if len(comparisons) > 1 else ""
-        rows = metrics_table(comp.systems)
-        images = [plot_bars(comp.systems, out / f"{prefix}bars.png")]
+        rows = metrics_table(comp.systems, comp.spread)
+        best = best_systems(comp.systems)
+        figures: list[tuple[Path, str]] = []
+        if comp.intervals:
+            figures.append((plot_intervals(comp.intervals, out / f"{prefix}intervals.png",
+                                           comp.model),
+                            "soft prompt minus each hard prompt, 95% paired bootstrap CI"))
+        if comp.curve:
+            figures.append((plot_learning_curve(comp.curve, comp.systems, primary_metric,
+                                                out / f"{prefix}learning_curve.png",
+                                                comp.model), "learning curve"))
+        figures.append((plot_bars(comp.systems, out / f"{prefix}bars.png"), "all scores"))
         if comp.train_log:
-            images.append(plot_losses(comp.train_log, out / f"{prefix}loss.png", comp.model))
+            figures.append((plot_losses(comp.train_log, out / f"{prefix}loss.png", comp.model),
+                            "training loss"))
             val = plot_validation_metric(comp.train_log, primary_metric,
                                          out / f"{prefix}val_{primary_metric}.png")
             if val:
-                images.append(val)
-        md += [f"## {comp.model} ({comp.num_parameters / 1e6:.1f}M parameters)", "",
-               markdown_table(rows), ""]
+                figures.append((val, f"validation {primary_metric} per epoch"))
+        notes = [_seed_text(comp)] if _seed_text(comp) else []
         if comp.train_seconds is not None:
-            md += [f"Soft prompt training time: {comp.train_seconds:.1f} s.", ""]
-        md += [f"![{p.stem}]({p.name})" for p in images] + [""]
+            notes.append(f"Soft prompt training time: {comp.train_seconds:.1f} s"
+                         + (" (mean over seeds)." if len(comp.seeds) > 1 else "."))
+        notes += [s + "." for s in shots_sentence(comp.systems)]
+        margins = [margin_sentence(i) + ("  ← best hard prompt" if i["best"] else "")
+                   for i in comp.intervals]
+        md += [f"## {comp.model} ({comp.num_parameters / 1e6:.1f}M parameters)", "",
+               markdown_table(rows, best), "", "Best value per metric in bold.", ""]
+        md += [n for note in notes for n in (note, "")]
+        if margins:
+            md += [f"### Margins on {primary_metric} (paired bootstrap, "
+                   f"{comp.intervals[0]['resamples']} resamples of the test examples, seed "
+                   f"{comp.intervals[0]['seed']})", ""] + [f"- {m}" for m in margins] + [""]
+        if comp.curve:
+            md += ["### Learning curve", "", f"| training examples | {primary_metric} mean | "
+                   "std | per seed |", "|---|---|---|---|"]
+            md += [f"| {p['train_examples']} | {p['mean']:.2f} | {p['std']:.2f} | "
+                   + ", ".join(f"{v:.2f}" for v in p["values"]) + " |" for p in comp.curve]
+            md += [""]
+        md += [f"![{p.stem}]({p.name})" for p, _ in figures] + [""]
         samples = _samples(comp, n_samples)
         md += ["### Sample outputs", ""]
         for s in samples:
             md += [f"**Input:** {s['input']!r}", "", f"- reference: {s['reference']!r}"]
-            md += [f"- {name}: {s[name]!r}" for name in comp.predictions]
+            md += [f"- {_sample_name(comp, name)}: {s[name]!r}" for name in comp.predictions]
             md.append("")
-        body_html.append(f"<h2>{html.escape(comp.model)}</h2><table border=1 cellpadding=4>")
-        for i, r in enumerate(rows):
-            tag = "th" if i == 0 else "td"
-            body_html.append("<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in r)
-                             + "</tr>")
-        body_html.append("</table>")
-        body_html += [f'<img src="{p.name}" alt="{p.stem}">' for p in images]
+        page.model(comp, rows, best, notes, margins, primary_metric, figures,
+                   samples, n_samples)
     if len(comparisons) > 1:
         scaling = plot_scaling(comparisons, primary_metric, out / "scaling.png")
         md += ["## Scaling with model size", "", f"![scaling]({scaling.name})", ""]
-        body_html.append(f'<h2>Scaling</h2><img src="{scaling.name}" alt="scaling">')
+        page.figure_section("Scaling with model size", [(scaling, "scaling")])
     path = out / "report.md"
     atomic.write_text(path, "\n".join(md) + "\n")
-    atomic.write_text(out / "report.html", "<!doctype html><meta charset=utf-8><body>"
-                      + "\n".join(body_html) + "</body>")
+    atomic.write_text(out / "report.html", page.render())
     return path
+
+
+STYLE = """
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;
+  background:#f6f8fa;margin:0}
+main{max-width:1180px;margin:0 auto;padding:24px 28px 60px;background:#fff;
+  box-shadow:0 0 0 1px #d0d7de}
+h1{font-size:26px;margin:8px 0 16px}h2{font-size:21px;margin:36px 0 10px;
+  border-bottom:1px solid #d0d7de;padding-bottom:4px}h3{font-size:17px;margin:24px 0 8px}
+table{border-collapse:collapse;margin:8px 0 12px;font-size:14px}
+th,td{border:1px solid #d0d7de;padding:5px 9px;text-align:right;vertical-align:top}
+th{background:#f0f3f6}td:first-child,th:first-child{text-align:left;white-space:nowrap}
+tr:nth-child(even) td{background:#fafbfc}
+td.best{background:#dafbe1 !important;font-weight:700;color:#116329}
+.settings td{text-align:left}.settings td:first-child{color:#57606a}
+.note{color:#57606a;margin:4px 0}.margins li{margin:2px 0}
+.ns{color:#9a6700}.sig{color:#116329}
+figure{display:inline-block;margin:8px 16px 8px 0;vertical-align:top}
+figure img{max-width:560px;border:1px solid #d0d7de}
+figcaption{font-size:13px;color:#57606a}
+.sample{margin:14px 0 22px}.sample pre{white-space:pre-wrap;background:#f6f8fa;
+  border:1px solid #d0d7de;padding:8px;max-height:180px;overflow:auto;font-size:13px;margin:4px 0}
+.outputs{width:100%}.outputs td{text-align:left;white-space:pre-wrap}
+.outputs td:nth-child(2){width:75%}.outputs tr.ref td{background:#ddf4ff}
+.outputs td.score{text-align:right;white-space:nowrap;color:#57606a}
+"""
+
+
+class _Html:
+    """The HTML page, section by section (every image inlined as a data URI)."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.parts = [f"<h1>{html.escape(title)}</h1>"]
+
+    def settings(self, rows: list[tuple[str, str]]) -> None:
+        self.parts.append('<h2>Settings</h2><table class="settings" id="settings">' + "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+            + "</table>")
+
+    def table(self, rows: list[list[str]], best: dict[str, set[str]]) -> None:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+        body = []
+        for r in rows[1:]:
+            cells = [f"<td>{html.escape(r[0])}</td>"]
+            for key, c in zip(rows[0][1:], r[1:]):
+                mark = ' class="best"' if r[0] in best.get(key, ()) and c else ""
+                cells.append(f"<td{mark}>{html.escape(c)}</td>")
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        self.parts.append(f'<table class="metrics"><tr>{head}</tr>{"".join(body)}</table>'
+                          '<p class="note">Best value per metric highlighted.</p>')
+
+    def figures(self, figures: list[tuple[Path, str]]) -> None:
+        for path, caption in figures:
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            self.parts.append(f'<figure><img src="data:image/png;base64,{data}" '
+                              f'alt="{html.escape(path.stem)}"><figcaption>'
+                              f"{html.escape(caption)}</figcaption></figure>")
+
+    def figure_section(self, title: str, figures: list[tuple[Path, str]]) -> None:
+        self.parts.append(f"<h2>{html.escape(title)}</h2>")
+        self.figures(figures)
+
+    def model(self, comp: ModelComparison, rows: list[list[str]], best: dict[str, set[str]],
+              notes: list[str], margins: list[str], metric: str,
+              figures: list[tuple[Path, str]], samples: list[dict[str, Any]],
+              n_samples: int) -> None:
+        self.parts.append(f"<h2>{html.escape(comp.model)} "
+                          f"({comp.num_parameters / 1e6:.1f}M parameters)</h2>")
+        self.table(rows, best)
+        self.parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
+        if margins:
+            items = "".join(
+                f'<li class="{"sig" if i["significant"] else "ns"}">{html.escape(m)}</li>'
+                for i, m in zip(comp.intervals, margins))
+            self.parts.append(f"<h3>Margins on {html.escape(metric)}</h3>"
+                              f'<ul class="margins">{items}</ul>')
+        if comp.curve:
+            cells = "".join(f"<tr><td>{p['train_examples']}</td><td>{p['mean']:.2f}</td>"
+                            f"<td>{p['std']:.2f}</td></tr>" for p in comp.curve)
+            self.parts.append(f"<h3>Learning curve</h3><table><tr><th>training examples</th>"
+                              f"<th>{html.escape(metric)} mean</th><th>std</th></tr>{cells}"
+                              "</table>")
+        self.parts.append("<h3>Figures</h3>")
+        self.figures(figures)
+        self.parts.append(f"<h3>Sample outputs (first {min(n_samples, len(samples))} test "
+                          "examples)</h3>")
+        for i, s in enumerate(samples):
+            scores = {name: preds[i].get("scores", {}).get(metric)
+                      for name, preds in comp.predictions.items()}
+            rows_html = [f'<tr class="ref"><td>reference</td>'
+                         f'<td>{html.escape(s["reference"])}</td><td class="score"></td></tr>']
+            for name in comp.predictions:
+                score = "" if scores[name] is None else f"{metric} {scores[name]:.1f}"
+                rows_html.append(f"<tr><td>{html.escape(_sample_name(comp, name))}</td>"
+                                 f"<td>{html.escape(s[name])}</td>"
+                                 f'<td class="score">{score}</td></tr>')
+            self.parts.append(f'<div class="sample"><pre>{html.escape(s["input"])}</pre>'
+                              f'<table class="outputs">{"".join(rows_html)}</table></div>')
+
+    def render(self) -> str:
+        return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
+                '<meta name="viewport" content="width=device-width, initial-scale=1">'
+                f"<title>{html.escape(self.title)}</title><style>{STYLE}</style></head>"
+                f"<body><main>{''.join(self.parts)}</main></body></html>")

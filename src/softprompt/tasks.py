@@ -287,3 +287,38 @@ def render_input(task: Task, example: Example, instruction: str = "",
     """
     text = task.template.format(**(fields or example.fields))
     return f"{instruction}\n{text}" if instruction else text
+
+
+# --- few-shot demonstrations -----------------------------------------------------------------
+
+
+def draw_demonstrations(task: Task, records: list[dict], k: int, seed: int) -> list[Example]:
+    """``k`` training examples for an in-context prompt, drawn without replacement by
+    ``random.Random(seed)`` (the same ``k``, ``seed`` and records give the same examples, in
+    the same order). Call it with training records only: never the test split."""
+    import random
+
+    if k > len(records):
+        raise SoftPromptError(f"--shots {k} needs {k} training records; the training data has "
+                              f"{len(records)}")
+    picks = random.Random(seed).sample(range(len(records)), k)
+    return [make_example(task, records[i], i) for i in picks]
+
+
+def render_demonstration(task: Task, example: Example) -> str:
+    """A solved example as the model sees one in training: the filled template, a space and
+    the target (``"English: A dog.\\nGerman: Ein Hund."``)."""
+    return f"{render_input(task, example)} {example.target}"
+
+
+def few_shot_instruction(instruction: str, demonstrations: list[str]) -> str:
+    """The text :func:`render_input` puts (with a newline) before the input of a few-shot
+    prompt: the instruction line, then the demonstrations, each followed by a blank line.
+
+    ``"Translate.\\nEnglish: A dog.\\nGerman: Ein Hund.\\n\\nEnglish: ..."`` is the whole
+    input for one demonstration.
+    """
+    if not demonstrations:
+        return instruction
+    head = f"{instruction}\n" if instruction else ""
+    return head + "\n\n".join(demonstrations) + "\n"

@@ -1,4 +1,4 @@
-"""The servable prompts: trained prompt directories under one root.
+"""The servable prompts: trained prompt directories (or PEFT adapters) under one root.
 
 Every directory directly under ``--prompts`` that holds a trained prompt is a servable prompt
 named by the directory. Names cannot leave the root (no ``..``, no absolute paths, no symlink
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from softprompt.errors import SoftPromptError
+from softprompt.interop import ADAPTER_CONFIG
 from softprompt.prefix import PromptLike
 from softprompt.prompt import CONFIG_FILE, load_prompt_tensor
 from softprompt.tasks import Task
@@ -49,8 +50,8 @@ def load_served(root: Path, name: str) -> ServedPrompt:
     """Load one prompt directory ``root/name`` (its tensor is checked against the model when
     the engine registers it: :meth:`softprompt.engine.Engine.add_prompt`)."""
     path = confined(root, name)
-    if not (path / CONFIG_FILE).is_file():
-        raise SoftPromptError(f"prompt {name!r}: no {CONFIG_FILE} in {path}")
+    if not any((path / f).is_file() for f in (CONFIG_FILE, ADAPTER_CONFIG)):
+        raise SoftPromptError(f"prompt {name!r}: no {CONFIG_FILE} or {ADAPTER_CONFIG} in {path}")
     tensor, meta = load_prompt_tensor(path)
     return ServedPrompt(name, tensor, Task.from_dict(meta.task), path, method=meta.method)
 
@@ -60,4 +61,4 @@ def candidates(root: Path) -> list[str]:
     if not root.is_dir():
         raise SoftPromptError(f"--prompts {root} is not a directory")
     return [child.name for child in sorted(root.iterdir())
-            if child.is_dir() and (child / CONFIG_FILE).exists()]
+            if child.is_dir() and any((child / f).exists() for f in (CONFIG_FILE, ADAPTER_CONFIG))]

@@ -1,0 +1,95 @@
+"""bench/results.py, the one script behind RESULTS.md: its plan fits the time budget, and a
+whole run on the tiny model and the sample data writes every section from its own files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def results():
+    sys.path.insert(0, str(BENCH))
+    import results
+
+    return results
+
+
+def test_the_default_plan_fits_three_hours_by_cutting_training_sets(results):
+    plan = results.make_plan(results.parse_args([]))
+    assert plan.tasks == ["summarization", "qa", "translation"] and plan.methods == ["prompt"]
+    assert plan.seeds == [0, 1, 2] and plan.shots == [0, 3] and plan.test_examples == 100
+    assert 0.8 * 3 * 3600 < plan.estimate_seconds <= 3 * 3600
+    assert all(100 <= n < results.SETTINGS[t]["train_examples"]
+               for t, n in plan.train_examples.items())
+    assert plan.curve_task == "translation"
+    assert plan.curve_sizes == [50, 200, plan.train_examples["translation"]]
+    assert any(c.startswith("training sets: summarization") for c in plan.cuts)
+    # More methods: smaller training sets, and a plan over budget says so.
+    four = results.make_plan(results.parse_args(["--methods", "prompt,ptuning,residual,prefix"]))
+    assert all(n <= plan.train_examples[t] for t, n in four.train_examples.items())
+    assert (four.estimate_seconds <= 3 * 3600) != any("over budget" in c for c in four.cuts)
+    fixed = results.make_plan(results.parse_args(["--train-limit", "300"]))
+    assert set(fixed.train_examples.values()) == {300}
+    assert not any(c.startswith("training sets") for c in fixed.cuts)
+
+
+def test_a_method_missing_from_the_tree_is_refused_before_any_work(results):
+    from dataclasses import fields
+
+    from softprompt.config import PromptConfig, TrainConfig
+
+    if any(f.name == "method" for cls in (PromptConfig, TrainConfig) for f in fields(cls)):
+        assert results.method_options("prefix") in (({"method": "prefix"}, {}),
+                                                    ({}, {"method": "prefix"}))
+    else:
+        assert results.method_options("prompt") == ({}, {})
+        with pytest.raises(SystemExit, match="method 'prefix' is not in this tree"):
+            results.method_options("prefix")
+
+
+def test_a_tiny_run_writes_results_md_with_seeds_shots_margins_and_curve(results, tiny_dirs,
+                                                                        samples, tmp_path,
+                                                                        monkeypatch):
+    data = tmp_path / "data"
+    for task in ("summarization", "qa", "translation"):
+        (data / task).mkdir(parents=True)
+        for split in ("train", "test"):
+            shutil.copy(samples / task / f"{split}.jsonl", data / task / f"{split}.jsonl")
+        shutil.copy(samples / task / "test.jsonl", data / task / "validation.jsonl")
+    monkeypatch.setattr(results, "DATA", data)
+    out, md = tmp_path / "out", tmp_path / "doc" / "RESULTS.md"
+    md.parent.mkdir()
+    argv = ["--model", str(tiny_dirs["gpt2"]), "--limit", "3", "--train-limit", "8",
+            "--epochs", "1", "--seeds", "0,1", "--shots", "0,1", "--curve-sizes", "4",
+            "--val-limit", "2", "--val-loss-limit", "3", "--out", str(out), "--output",
+            str(md), "--quiet"]
+    results.main(argv)
+    text = md.read_text()
+    run = json.loads((out / "run.json").read_text())
+    assert run["command"].startswith("python bench/results.py --seeds 0,1 --shots 0,1 "
+                                     "--limit 3 --train-limit 8 --epochs 1")
+    for item in (run["command"], run["commit"], run["machine"], run["date"], "Total time"):
+        assert item in text
+    assert "## What was cut to fit the budget" in text and "first 3 of each test split" in text
+    summary = text.split("## Summary")[1].split("\n## ")[0]
+    for task in ("summarization", "qa", "translation"):
+        assert f"| {task} | " in summary
+    assert text.count("| soft prompt (prompt) | ") == 3 and " ± " in text
+    assert "hard: ours, 1-shot" in text and "demonstrations fitted per example" in text
+    assert "95% CI [" in text and "## What we found" in text
+    assert "![learning curve](results/learning_curve_translation.png)" in text
+    assert (md.parent / "results" / "learning_curve_translation.png").stat().st_size > 1000
+    result = json.loads((out / "translation" / "result.json").read_text())
+    assert [p["train_examples"] for p in result["methods"]["prompt"]["curve"]] == [4, 8]
+    # --report-only rewrites the same file from the run's files alone.
+    first = text.split("(this file written")[1].split("\n", 1)[1]
+    md.unlink()
+    results.main(["--report-only", "--out", str(out), "--output", str(md)])
+    assert md.read_text().split("(this file written")[1].split("\n", 1)[1] == first
