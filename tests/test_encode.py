@@ -236,6 +236,9 @@ def test_chat_template_is_trained_stored_and_reused_by_evaluate_generate_and_ser
     ev = api.evaluate(train, prompt=out, limit=1, device="cpu", precision="fp32",
                       max_new_tokens=5)
     assert ev.predictions[0]["prediction"] == direct[0]
+    overridden = api.evaluate(train, prompt=out, task="translation", limit=1, device="cpu",
+                              precision="fp32", max_new_tokens=5)  # --task keeps the wrapping
+    assert overridden.predictions[0]["prediction"] == direct[0]
     # serve feeds the engine the same ids (BOS lives in the engine's prefix).
     server = Server(Engine(pm.model, pm.tokenizer), ServerConfig(out.parent, "base"))
     server.load("chat")

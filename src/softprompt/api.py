@@ -150,7 +150,10 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
     if prompt is not None:
         tensor, meta = load_prompt_tensor(prompt)
         model_name = model or meta.model
-        task_obj = _task(task) if task is not None else Task.from_dict(meta.task)
+        stored = Task.from_dict(meta.task)
+        task_obj = _task(task) if task is not None else stored
+        if chat_template is None:  # a --task override keeps the prompt's wrapping
+            chat_template = stored.chat_template or task_obj.chat_template
         system = evaluation.System(evaluation.SOFT, tensor)
     elif task is None:
         raise SoftPromptError("give --task (or --template) to evaluate a hard prompt")
