@@ -42,7 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import git_commit  # noqa: E402
 
 from softprompt.comparison import SOFT, compare  # noqa: E402
-from softprompt.config import GenerationConfig, PromptConfig, TrainConfig  # noqa: E402
+from softprompt.config import (  # noqa: E402
+    GenerationConfig,
+    PromptConfig,
+    TrainConfig,
+    resolved_lr,
+)
 from softprompt.models import DEFAULT_MODEL  # noqa: E402
 from softprompt.report import margin_sentence  # noqa: E402
 from softprompt.tasks import get_task  # noqa: E402
@@ -381,7 +386,7 @@ def _sweep_section(sweep_dir: Path) -> list[str]:
                      f"{r['val_loss']:.3f} | {r[metric]:.2f} | {r['train_seconds']:.0f} |")
     best = max(rows, key=lambda r: r[metric])
     lowest = min(rows, key=lambda r: r["val_loss"])
-    lr, length = TrainConfig().lr, PromptConfig().num_virtual_tokens
+    lr, length = resolved_lr(TrainConfig(), PromptConfig()), PromptConfig().num_virtual_tokens
     lines += ["", f"Best {metric}: P = {best['num_virtual_tokens']}, lr {best['lr']} "
               f"({best[metric]:.2f}); lowest validation loss: P = {lowest['num_virtual_tokens']}"
               f", lr {lowest['lr']} ({lowest['val_loss']:.3f}). The package's defaults are lr "

@@ -75,9 +75,31 @@ def test_sigkill_then_resume_is_bit_identical(reference, tiny_dirs, tmp_path, cr
             == [{k: v for k, v in r.items() if k not in drop} for r in ref_log])
 
 
+def _as_format_2(path: Path) -> None:
+    """Rewrite a checkpoint as format 2 wrote it: the prompt method's one parameter as
+    ``prompt``, its Adam state as ``adam.<key>``, no ``method`` or ``best.score``, patience
+    counted in ``bad_epochs``."""
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(path / checkpoint.TENSORS_FILE))
+    old = {"prompt": tensors.pop("param.embeddings")}
+    for key in [k for k in tensors if k.startswith("adam.embeddings.")]:
+        old["adam." + key[len("adam.embeddings."):]] = tensors.pop(key)
+    assert set(tensors) == {"best_prompt", "rng.torch"}, set(tensors)
+    save_file({**old, **tensors}, str(path / checkpoint.TENSORS_FILE))
+    meta = json.loads((path / checkpoint.STATE_FILE).read_text(encoding="utf-8"))
+    state = meta["state"]
+    state["version"] = 2
+    del state["method"], state["best"]["score"]
+    state["best"]["bad_epochs"] = state["best"].pop("bad_evals")
+    meta["sha256"][checkpoint.TENSORS_FILE] = checkpoint._sha256(path / checkpoint.TENSORS_FILE)
+    (path / checkpoint.STATE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
 def _as_format_1(path: Path) -> None:
-    """Rewrite a checkpoint's state.json as the first trainer wrote it: no version or global
-    batch, and the epoch's running loss inside ``best``."""
+    """Rewrite a checkpoint as the first trainer wrote it: format 2's tensors, no version or
+    global batch, and the epoch's running loss inside ``best``."""
+    _as_format_2(path)
     meta = json.loads((path / checkpoint.STATE_FILE).read_text(encoding="utf-8"))
     state = meta["state"]
     stats = state.pop("epoch_stats")
@@ -86,14 +108,16 @@ def _as_format_1(path: Path) -> None:
     (path / checkpoint.STATE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
 
-def test_checkpoint_in_format_1_resumes_bit_identical(reference, tiny_dirs, tmp_path):
+@pytest.mark.parametrize("rewrite", [_as_format_1, _as_format_2])
+def test_checkpoint_in_an_older_format_resumes_bit_identical(reference, tiny_dirs, tmp_path,
+                                                             rewrite):
     train, val, ref_out = reference
     out = tmp_path / "run"
     killed = _train(tiny_dirs["llama"], train, val, out, crash="step:9")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     newest = checkpoint.list_checkpoints(out)[-1][1]
     assert newest.name == "checkpoint-8"  # in the middle of epoch 2: its running loss counts
-    _as_format_1(newest)
+    rewrite(newest)
     resumed = _train(tiny_dirs["llama"], train, val, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {newest} (epoch 2, step 8)" in resumed.stderr

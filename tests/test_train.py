@@ -294,9 +294,9 @@ def test_early_stopping_saves_the_best_prompt(tiny, records, tmp_path):
     best_ckpt = checkpoint.load(out / f"checkpoint-{metrics['best_step']}")
     last_ckpt = checkpoint.latest(out)
     assert last_ckpt.step > best_ckpt.step
-    assert torch.equal(saved, best_ckpt.tensors["prompt"])
+    assert torch.equal(saved, best_ckpt.tensors["param.embeddings"])
     assert torch.equal(saved, last_ckpt.tensors["best_prompt"])
-    assert not torch.allclose(saved, last_ckpt.tensors["prompt"])  # not the last prompt
+    assert not torch.allclose(saved, last_ckpt.tensors["param.embeddings"])  # not the last prompt
 
 
 def test_patience_is_the_number_of_epochs_without_improvement(tiny, records, tmp_path):

@@ -66,7 +66,9 @@ def train(task: str | Task, train: str | Path, output: str | Path, *,
           device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
           precision: str = "auto", chat_template: bool = False,
           loaded: tuple[Any, Any] | None = None, **options: Any) -> TrainResult:
-    """Train a soft prompt; ``options`` are PromptConfig/TrainConfig fields (``epochs=3`` ...).
+    """Train a soft prompt; ``options`` are PromptConfig/TrainConfig fields (``epochs=3`` ...),
+    among them the method and its options (``method="prefix"``, ``prefix_projection=True``,
+    ``encoder="lstm"``, ``init_from="runs/x"``; see softprompt.methods).
 
     ``device``/``dtype``/``precision`` place the frozen model and choose its compute precision
     (``auto``: see :func:`models.resolve_device` and :func:`models.resolve_precision`); the
@@ -90,6 +92,10 @@ def train(task: str | Task, train: str | Path, output: str | Path, *,
             make_example(task_obj, rec, i)
     atomic.check_writable(output)
     check_output_dir(output, overwrite, resume)
+    if pcfg.init_from:
+        from softprompt.methods import check_init_from
+
+        check_init_from(pcfg, model)
     if loaded is None:
         from softprompt.distributed import distributed_state
 
@@ -198,10 +204,11 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
     """Soft prompt vs hard prompts on one test set, per model; writes the report to ``output``.
 
     ``options`` are PromptConfig/TrainConfig fields for training the soft prompt (``epochs``,
-    ``batch_size``, ...); generation has its own ``eval_batch_size`` and ``eval_seed``.
-    ``shots``: the K of the hard baselines (default ``(0, 3)`` with ``train``, else ``(0,)``),
-    demonstrations drawn from ``train`` with ``shots_seed``; ``seeds``: one soft prompt per
-    seed (mean ± std, default the ``seed`` option); ``train_sizes``: the learning curve.
+    ``batch_size``, ``method``, ...); generation has its own ``eval_batch_size`` and
+    ``eval_seed``. ``shots``: the K of the hard baselines (default ``(0, 3)`` with ``train``,
+    else ``(0,)``), demonstrations drawn from ``train`` with ``shots_seed``; ``seeds``: one
+    soft prompt per seed (mean ± std, default the ``seed`` option); ``train_sizes``: the
+    learning curve.
     """
     from softprompt import comparison
 

@@ -1,14 +1,19 @@
 """Training checkpoints: ``checkpoint-<step>/`` directories that survive SIGKILL.
 
-A checkpoint holds a :class:`TrainState`: the prompt, Adam's moments, torch's RNG, the position
-in the data, the best prompt so far and the log. Each checkpoint is staged in a temporary
-directory and renamed into place, so it is complete or absent. ``state.json`` records a SHA-256
-per file; a checkpoint whose files do not match is reported and skipped in favour of the
-previous good one. Tensors go to safetensors and everything else to JSON: nothing is ever
-unpickled.
+A checkpoint holds a :class:`TrainState`: the method's parameters, Adam's moments, torch's RNG,
+the position in the data, the best prompt so far and the log. Each checkpoint is staged in a
+temporary directory and renamed into place, so it is complete or absent. ``state.json``
+records a SHA-256 per file; a checkpoint whose files do not match is reported and skipped in
+favour of the previous good one. Tensors go to safetensors and everything else to JSON:
+nothing is ever unpickled.
 
-``state.json`` format 2 adds ``version``, ``global_batch`` and ``epoch_stats``; format 1 (no
-``version``; the epoch's running loss kept inside ``best``) is still read.
+Tensors (format 3): ``param.<name>`` per parameter of the method module (any number),
+``buffer.<name>`` per buffer, ``adam.<name>.<key>`` per parameter's Adam state,
+``best_prompt`` (``[P, H]``) or ``best_prefix`` (``[L, 2, kv_heads, P, head_dim]``) and
+``rng.torch``; ``state.json`` adds ``method`` and ``best.score``. Formats 1 and 2 (the prompt
+method only: tensors ``prompt``, ``best_prompt``, ``adam.<key>``) are still read; format 2
+added ``version``, ``global_batch`` and ``epoch_stats``, format 1 kept the epoch's running loss
+inside ``best``.
 """
 
 from __future__ import annotations
@@ -29,12 +34,12 @@ from safetensors.torch import load_file, save_file
 from softprompt import atomic
 from softprompt.errors import SoftPromptError
 from softprompt.faults import crash_point
-from softprompt.prompt import SoftPrompt
+from softprompt.prefix import KVPrefix
 
 PREFIX = "checkpoint-"
 STATE_FILE = "state.json"
 TENSORS_FILE = "tensors.safetensors"
-STATE_VERSION = 2
+STATE_VERSION = 3
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -59,16 +64,25 @@ class GlobalBatch:
 
 @dataclass
 class Best:
-    """The best epoch so far by validation loss (without validation: the latest epoch)."""
+    """The best validation so far by ``--metric-for-best`` (without validation: the latest
+    epoch)."""
 
-    val_loss: float = math.inf
+    val_loss: float = math.inf  # the validation loss of the best validation
     step: int = -1
     epoch: int = -1  # 1-based, as in the log
-    bad_epochs: int = 0  # epochs since the validation loss last improved
+    bad_evals: int = 0  # validations since the score last improved
+    score: float = -math.inf  # higher is better: -val_loss, or the metric for best
 
     def out_of_patience(self, patience: int) -> bool:
-        """``patience`` epochs in a row without improvement (at least one)."""
-        return self.bad_epochs > 0 and self.bad_epochs >= patience
+        """``patience`` validations in a row without improvement (at least one)."""
+        return self.bad_evals > 0 and self.bad_evals >= patience
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> Best:
+        """Formats 1 and 2 counted ``bad_epochs`` and selected on the loss alone."""
+        return cls(saved["val_loss"], saved["step"], saved["epoch"],
+                   saved.get("bad_evals", saved.get("bad_epochs", 0)),
+                   saved.get("score", -saved["val_loss"]))
 
 
 @dataclass
@@ -90,9 +104,9 @@ class TrainState:
     Torch's RNG is process-wide: :func:`save` captures it and :func:`restore` sets it back.
     """
 
-    prompt: SoftPrompt  # the trained [P, H] parameter
-    optimizer: torch.optim.Optimizer  # Adam over ``prompt``
-    best_prompt: torch.Tensor  # [P, H], the prompt of ``best.epoch``
+    prompt: torch.nn.Module  # the method module (softprompt.methods): the trained parameters
+    optimizer: torch.optim.Optimizer  # Adam over ``prompt.parameters()``, in their order
+    best_prompt: Any  # PromptLike, the exported prompt of ``best.step``
     batch: GlobalBatch  # the step size that ``step_in_epoch`` counts in
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # optimizer steps of ``epoch`` already taken
@@ -114,11 +128,16 @@ class Checkpoint:
 
 def save(output_dir: Path, state: TrainState) -> Path:
     """Write ``state`` as ``checkpoint-<global_step>`` (atomically; kept if it already exists)."""
-    tensors = {"prompt": state.prompt.embeddings, "best_prompt": state.best_prompt,
-               **_adam_tensors(state.optimizer), "rng.torch": torch.get_rng_state()}
+    params = dict(state.prompt.named_parameters())
+    best = state.best_prompt
+    tensors = {**{f"param.{name}": p for name, p in params.items()},
+               **{f"buffer.{name}": b for name, b in state.prompt.named_buffers()},
+               **_adam_tensors(state.optimizer, list(params)),
+               **({"best_prompt": best} if torch.is_tensor(best) else {"best_prefix": best.kv}),
+               "rng.torch": torch.get_rng_state()}
     # ``examples_in_epoch`` counts whole global batches (format 1 has the same field).
-    json_state = {"version": STATE_VERSION, "global_step": state.global_step,
-                  "epoch": state.epoch,
+    json_state = {"version": STATE_VERSION, "method": getattr(state.prompt, "name", "prompt"),
+                  "global_step": state.global_step, "epoch": state.epoch,
                   "examples_in_epoch": state.step_in_epoch * state.batch.size,
                   "global_batch": asdict(state.batch), "world_size": state.batch.processes,
                   "best": asdict(state.best), "epoch_stats": asdict(state.epoch_stats),
@@ -127,50 +146,92 @@ def save(output_dir: Path, state: TrainState) -> Path:
 
 
 def restore(ckpt: Checkpoint, state: TrainState) -> None:
-    """Continue ``state`` (fresh, with this run's prompt shape and global batch) from ``ckpt``.
+    """Continue ``state`` (fresh, with this run's method module and global batch) from ``ckpt``.
 
     Raises:
-        SoftPromptError: the prompt's shape or the global batch differs from this run's.
+        SoftPromptError: the parameters (method, options, shapes) or the global batch differ
+            from this run's.
     """
-    saved, prompt = ckpt.state, ckpt.tensors["prompt"]
-    if list(prompt.shape) != list(state.prompt.embeddings.shape):
-        raise SoftPromptError(f"{ckpt.path}: prompt shape {list(prompt.shape)} does not match "
-                              f"--num-virtual-tokens/model {list(state.prompt.embeddings.shape)}")
+    saved = ckpt.state
+    params, adam = _saved_parameters(ckpt.tensors)
+    _check_parameters(ckpt, params, state.prompt)
     if "global_batch" in saved and GlobalBatch(**saved["global_batch"]).size != state.batch.size:
         raise SoftPromptError(f"{ckpt.path} was written with global batch "
                               f"{GlobalBatch(**saved['global_batch'])}, this run has "
                               f"{state.batch}; resume with the same --batch-size x processes x "
                               f"--gradient-accumulation-steps")
     with torch.no_grad():
-        state.prompt.embeddings.copy_(prompt)
-    _restore_adam(state.optimizer, ckpt.tensors)
+        for name, p in state.prompt.named_parameters():
+            p.copy_(params[name])
+        for name, b in state.prompt.named_buffers():  # e.g. a projected prefix's start
+            b.copy_(ckpt.tensors.get(f"buffer.{name}", b))
+    _restore_adam(state.optimizer, [adam.get(name, {}) for name, _ in
+                                    state.prompt.named_parameters()])
     if "rng.torch" in ckpt.tensors:
         torch.set_rng_state(ckpt.tensors["rng.torch"])
-    best_prompt = ckpt.tensors.get("best_prompt", prompt)
-    state.best_prompt = best_prompt.to(state.prompt.embeddings.device).clone()
+    state.best_prompt = _saved_best(ckpt.tensors, state)
     state.global_step, state.epoch = saved["global_step"], saved["epoch"]
     state.step_in_epoch = saved["examples_in_epoch"] // state.batch.size
     best = saved["best"]
-    state.best = Best(best["val_loss"], best["step"], best["epoch"], best["bad_epochs"])
+    state.best = Best.from_json(best)
     stats = saved.get("epoch_stats") or {"loss_sum": best.get("epoch_loss", 0.0),
                                          "target_tokens": best.get("epoch_tokens", 0)}
     state.epoch_stats = EpochStats(**stats)
     state.log = saved["log"]
 
 
-def _adam_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Adam's state of its one parameter (step, moments), as ``adam.<name>`` tensors."""
-    inner = opt.state_dict()["state"].get(0, {})
-    return {f"adam.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).clone()
-            for k, v in inner.items()}
+def _saved_parameters(tensors: dict[str, torch.Tensor],
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """``{name: tensor}`` and ``{name: {adam key: tensor}}`` of any format: formats 1 and 2
+    held the prompt method's one parameter as ``prompt`` and its Adam state as ``adam.<key>``."""
+    if "prompt" in tensors:
+        adam = {k[len("adam."):]: v for k, v in tensors.items() if k.startswith("adam.")}
+        return {"embeddings": tensors["prompt"]}, {"embeddings": adam}
+    params = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
+    adam: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("adam."):
+            name, _, inner = key[len("adam."):].rpartition(".")
+            adam.setdefault(name, {})[inner] = value
+    return params, adam
 
 
-def _restore_adam(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    inner = {k[len("adam."):]: v for k, v in tensors.items() if k.startswith("adam.")}
-    if inner:
-        sd = opt.state_dict()
-        sd["state"] = {0: inner}
-        opt.load_state_dict(sd)
+def _check_parameters(ckpt: Checkpoint, params: dict[str, torch.Tensor],
+                      module: torch.nn.Module) -> None:
+    saved = {k: list(v.shape) for k, v in params.items()}
+    mine = {k: list(p.shape) for k, p in module.named_parameters()}
+    if saved == mine:
+        return
+    method = ckpt.state.get("method", "prompt")
+    diff = sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))
+    raise SoftPromptError(f"{ckpt.path} (--method {method}) holds other parameters than this "
+                          f"run (--method {getattr(module, 'name', '?')}): "
+                          f"{', '.join(f'{k} {saved.get(k)} vs {mine.get(k)}' for k in diff)}; "
+                          f"resume with the method, options and --num-virtual-tokens it was "
+                          f"written with")
+
+
+def _saved_best(tensors: dict[str, torch.Tensor], state: TrainState):
+    """The best prompt so far, as the PromptLike the module exports."""
+    device = next(state.prompt.parameters()).device
+    if "best_prefix" in tensors:
+        return KVPrefix(tensors["best_prefix"].to(device).clone())
+    return tensors.get("best_prompt", tensors.get("prompt")).to(device).clone()
+
+
+def _adam_tensors(opt: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
+    """Adam's state of each parameter (step, moments), as ``adam.<name>.<key>`` tensors;
+    ``names`` are the parameters' names in the optimizer's order."""
+    states = opt.state_dict()["state"]
+    return {f"adam.{name}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).clone()
+            for i, name in enumerate(names) for k, v in states.get(i, {}).items()}
+
+
+def _restore_adam(opt: torch.optim.Optimizer, states: list[dict[str, torch.Tensor]]) -> None:
+    """Set Adam's state of parameter ``i`` to ``states[i]`` (empty: not stepped yet)."""
+    sd = opt.state_dict()
+    sd["state"] = {i: inner for i, inner in enumerate(states) if inner}
+    opt.load_state_dict(sd)
 
 
 def _sha256(path: Path) -> str:

@@ -7,6 +7,7 @@ fields, so ``--help`` shows the fields' documentation.
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import re
 import sys
@@ -17,7 +18,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from softprompt.config import DEFAULT_MODEL, GenerationConfig, PromptConfig, PromptInit, TrainConfig
+from softprompt.config import DEFAULT_MODEL, GenerationConfig, PromptConfig, TrainConfig
 from softprompt.errors import SoftPromptError
 
 
@@ -40,14 +41,19 @@ def _add_dataclass(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, 
             continue
         if isinstance(kind, types.UnionType):  # X | None
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        if isinstance(kind, type) and issubclass(kind, PromptInit):
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
             group.add_argument(flag, dest=f.name, default=default.value,
-                               choices=[i.value for i in PromptInit], help=help_text)
+                               choices=[i.value for i in kind],
+                               help=f"{help_text} (default: {default.value})")
             continue
         text = (shown or {}).get(f.name, default.value if hasattr(default, "value") else default)
+        if default is None and "(default" in help_text:  # the help says what None means
+            shown_default = ""
+        else:
+            shown_default = f" (default: {text})"
         group.add_argument(flag, dest=f.name, type=kind, default=default, metavar=f.name.upper()
                            if kind is str else kind.__name__.upper(),
-                           help=f"{help_text} (default: {text})")
+                           help=help_text + shown_default)
     return group
 
 

@@ -34,7 +34,13 @@ import numpy as np
 import torch
 
 from softprompt import atomic, models
-from softprompt.config import GenerationConfig, PromptConfig, TrainConfig, check_count
+from softprompt.config import (
+    GenerationConfig,
+    PromptConfig,
+    TrainConfig,
+    check_count,
+    resolved_lr,
+)
 from softprompt.data import read_records
 from softprompt.errors import SoftPromptError
 from softprompt.evaluation import (
@@ -397,7 +403,7 @@ def _settings(task: Task, paths: tuple[str | None, str | None, str],
         "method": getattr(tcfg, "method", getattr(pcfg, "method", "prompt")),
         "prompt": prompt_dir,
         "num_virtual_tokens": pcfg.num_virtual_tokens, "init": pcfg.init.value,
-        "epochs": tcfg.epochs, "lr": tcfg.lr, "batch_size": tcfg.batch_size,
+        "epochs": tcfg.epochs, "lr": resolved_lr(tcfg, pcfg), "batch_size": tcfg.batch_size,
         "max_length": tcfg.max_length, "seeds": seeds, "shots": shots,
         "shots_seed": shots_seed, "train_sizes": train_sizes,
         "decoding": ("greedy" if gen.temperature == 0 else

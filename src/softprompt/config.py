@@ -22,6 +22,61 @@ class PromptInit(str, enum.Enum):
     RANDOM = "random"  # uniform, scaled to the embedding table's std
 
 
+class _Choice(str, enum.Enum):
+    """A flag's choices; ``str()`` and f-strings give the value, as typed on the command line."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Method(_Choice):
+    """What is trained (softprompt/methods/); each saves a ``[P, H]`` prompt or a KV prefix."""
+
+    PROMPT = "prompt"  # the [P, H] input embeddings themselves (Lester et al. 2021)
+    PTUNING = "ptuning"  # [P, H] embeddings through an MLP or LSTM encoder (Liu et al. 2021)
+    RESIDUAL = "residual"  # E + LayerNorm(up(ReLU(down(E)))) (Razdaibiedina et al. 2023)
+    PREFIX = "prefix"  # a key/value prefix in every layer (Li & Liang 2021)
+
+
+class Encoder(_Choice):
+    """P-tuning's prompt encoder."""
+
+    MLP = "mlp"  # Linear-ReLU-Linear-ReLU-Linear
+    LSTM = "lstm"  # a 2-layer bidirectional LSTM, then Linear-ReLU-Linear
+
+
+class PrefixInit(_Choice):
+    """How a KV prefix starts out."""
+
+    TEXT = "text"  # the keys/values of --init-text (one forward pass), repeated or cut to P
+    ZERO = "zero"  # all zeros
+    RANDOM = "random"  # standard normal, as PEFT's prefix embedding
+
+
+# Peak learning rate per method when --lr is not given. prompt and prefix: measured on the
+# bundled model (issue #11: prompt 0.03, prefix 0.01); ptuning's encoder weights take smaller
+# steps than raw embeddings; residual trains the raw embeddings alongside its small MLP.
+DEFAULT_LR = {Method.PROMPT: 0.03, Method.PTUNING: 0.003, Method.RESIDUAL: 0.03,
+              Method.PREFIX: 0.01}
+
+
+class Scheduler(_Choice):
+    """The learning rate after warm-up."""
+
+    LINEAR = "linear"  # linear decay to zero at the last step
+    COSINE = "cosine"  # half a cosine from the peak to zero at the last step
+
+
+def _enum(obj: object, name: str, cls: type[enum.Enum]) -> None:
+    """Turn the field's string into ``cls`` or refuse it naming the flag and the choices."""
+    try:
+        setattr(obj, name, cls(getattr(obj, name)))
+    except ValueError:
+        choices = ", ".join(i.value for i in cls)
+        raise SoftPromptError(f"{_flag(name)} must be one of {choices}, "
+                              f"got {getattr(obj, name)!r}") from None
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -67,14 +122,59 @@ class PromptConfig:
         metadata={"help": "Text whose token embeddings start the prompt (default: the task's "
                   "hard prompt)."},
     )
+    method: Method = field(
+        default=Method.PROMPT,
+        metadata={"help": "What is trained: prompt ([P, H] embeddings), ptuning (embeddings "
+                  "through an encoder), residual (embeddings plus a residual MLP) or prefix "
+                  "(keys/values in every layer)."},
+    )
+    encoder: Encoder = field(
+        default=Encoder.MLP, metadata={"help": "ptuning's prompt encoder: mlp or lstm."}
+    )
+    encoder_hidden_size: int | None = field(
+        default=None,
+        metadata={"help": "Hidden size of the ptuning encoder (default: the model's hidden "
+                  "size H), the residual bottleneck (default: min(H, 400)) or the prefix "
+                  "projection (default: H)."},
+    )
+    prefix_init: PrefixInit = field(
+        default=PrefixInit.TEXT,
+        metadata={"help": "How the prefix starts: text (the keys/values of --init-text), zero "
+                  "or random."},
+    )
+    prefix_projection: bool = field(
+        default=False,
+        metadata={"help": "Train the prefix through an MLP from [P, H] embeddings (PEFT's "
+                  "prefix_projection); saved collapsed."},
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata={"help": "Start from this trained prompt directory (same method and model)."},
+    )
 
     def __post_init__(self) -> None:
         _positive(self, "num_virtual_tokens")
-        try:
-            self.init = PromptInit(self.init)
-        except ValueError:
-            choices = ", ".join(i.value for i in PromptInit)
-            raise SoftPromptError(f"--init must be one of {choices}, got {self.init!r}") from None
+        for name, cls in (("init", PromptInit), ("method", Method), ("encoder", Encoder),
+                          ("prefix_init", PrefixInit)):
+            _enum(self, name, cls)
+        if self.encoder_hidden_size is not None:
+            _positive(self, "encoder_hidden_size")
+        # Options of another method are refused, not ignored.
+        if self.encoder is not Encoder.MLP and self.method is not Method.PTUNING:
+            raise SoftPromptError("--encoder is an option of --method ptuning; drop it")
+        prefix_only = {"prefix_init": self.prefix_init is not PrefixInit.TEXT,
+                       "prefix_projection": self.prefix_projection}
+        for name, given in prefix_only.items():
+            if given and self.method is not Method.PREFIX:
+                raise SoftPromptError(f"{_flag(name)} is an option of --method prefix; drop it")
+        if (self.method is Method.PREFIX and not self.prefix_projection
+                and self.init is not PromptInit.TEXT):
+            raise SoftPromptError("--init sets [P, H] embeddings, which --method prefix has "
+                                  "only with --prefix-projection; use --prefix-init")
+        if self.encoder_hidden_size is not None and not (
+                self.method in (Method.PTUNING, Method.RESIDUAL) or self.prefix_projection):
+            raise SoftPromptError("--encoder-hidden-size needs --method ptuning or residual, "
+                                  "or --method prefix with --prefix-projection; drop it")
 
 
 @dataclass
@@ -88,13 +188,21 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per optimizer step."}
     )
-    lr: float = field(default=0.03, metadata={"help": "Peak learning rate of Adam."})
+    lr: float | None = field(
+        default=None,
+        metadata={"help": "Peak learning rate of Adam (default per --method: prompt 0.03, "
+                  "ptuning 0.003, residual 0.03, prefix 0.01)."},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay."})
     max_grad_norm: float = field(
         default=1.0, metadata={"help": "Clip the prompt gradient to this norm (0 disables)."}
     )
     warmup_steps: int = field(
-        default=10, metadata={"help": "Linear warm-up steps, then linear decay to zero."}
+        default=10, metadata={"help": "Linear warm-up steps, then --lr-scheduler's decay."}
+    )
+    lr_scheduler: Scheduler = field(
+        default=Scheduler.LINEAR,
+        metadata={"help": "Decay after warm-up to zero at the last step: linear or cosine."},
     )
     max_length: int = field(
         default=512,
@@ -108,7 +216,18 @@ class TrainConfig:
     )
     patience: int = field(
         default=2,
-        metadata={"help": "Stop after this many epochs without a better validation loss."},
+        metadata={"help": "Stop after this many validations in a row without a better "
+                  "--metric-for-best."},
+    )
+    eval_steps: int = field(
+        default=0,
+        metadata={"help": "Also validate every N optimizer steps (0: at epoch ends only)."},
+    )
+    metric_for_best: str = field(
+        default="loss",
+        metadata={"help": "What selects the best prompt and drives --patience: loss "
+                  "(validation loss) or the task's primary metric (rougeL, f1, chrf, ...) of "
+                  "greedy generation on the validation records."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for initialisation and data order."})
     save_steps: int = field(
@@ -135,14 +254,17 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size", "gradient_accumulation_steps", "lr",
+        _positive(self, "epochs", "batch_size", "gradient_accumulation_steps",
                   "max_length", "save_total_limit")
+        if self.lr is not None:
+            _positive(self, "lr")
+        _enum(self, "lr_scheduler", Scheduler)
         for other in ("gradient_checkpointing", "shard_model"):
             if self.compile and getattr(self, other):
                 raise SoftPromptError(f"--compile cannot be combined with "
                                       f"--{other.replace('_', '-')}; drop one of them")
         _non_negative(self, "weight_decay", "max_grad_norm", "warmup_steps", "patience",
-                      "save_steps", "seed")
+                      "save_steps", "seed", "eval_steps")
         for name in ("max_train_examples", "max_eval_examples"):
             if getattr(self, name) is not None:
                 _positive(self, name)
@@ -165,6 +287,11 @@ class GenerationConfig:
         _non_negative(self, "temperature", "seed")
         if not 0 < self.top_p <= 1:
             raise SoftPromptError(f"--top-p must be in (0, 1], got {self.top_p!r}")
+
+
+def resolved_lr(train: TrainConfig, prompt: PromptConfig) -> float:
+    """The peak learning rate a run uses: ``--lr``, or the default of its ``--method``."""
+    return train.lr if train.lr is not None else DEFAULT_LR[prompt.method]
 
 
 def field_names(cls: type) -> list[str]:

@@ -2,10 +2,13 @@
 
 :func:`train` is those steps in order. :func:`setup` checks the output directory and encodes
 the data before anything is written (:class:`Run`: what the run holds fixed);
-:func:`start_state` builds the prompt and its optimizer or restores them from the newest
-checkpoint (:class:`~softprompt.checkpoint.TrainState`: what changes); then each epoch
-:func:`fit_epoch` takes the optimizer steps, :func:`end_epoch` validates and keeps the best
-prompt, and :func:`save` writes the checkpoint and the best prompt so far.
+:func:`start_state` builds the method module (softprompt/methods/: prompt, ptuning, residual
+or prefix) and its optimizer or restores them from the newest checkpoint
+(:class:`~softprompt.checkpoint.TrainState`: what changes); then each epoch :func:`fit_epoch`
+takes the optimizer steps (validating every ``--eval-steps`` too), :func:`end_epoch`
+validates and keeps the best prompt, and :func:`save` writes the checkpoint and the best
+prompt so far. The method is trained as a whole (all its parameters, one Adam); what is
+saved is its ``export()``: a ``[P, H]`` prompt or a KV prefix.
 
 Runs as one process or under ``accelerate launch`` (data parallel: each process takes a slice
 of every optimizer step's examples and the prompt gradient is summed across processes). The
@@ -14,6 +17,11 @@ over the whole step, so 1 process x batch 8 and 2 processes x batch 4 compute th
 With ``--shard-model`` the model may arrive on the CPU: its decoder layers are sharded onto
 each process's device and the rest follows (:func:`~softprompt.distributed.shard_layers`);
 the prompt and the batches live on the process's device.
+
+Selection: every validation (each epoch end, and every ``--eval-steps`` steps) scores the
+prompt by ``--metric-for-best``: the validation loss, or the task's primary metric of greedy
+generation on the validation records (every process generates for all of them, so all agree
+on the best). ``--patience`` counts validations without improvement.
 """
 
 from __future__ import annotations
@@ -24,45 +32,46 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from softprompt import atomic, checkpoint
+from softprompt import atomic, checkpoint, methods
 from softprompt.batching import length_sorted_batches, step_order
 from softprompt.checkpoint import Best, EpochStats, GlobalBatch, TrainState
-from softprompt.config import PromptConfig, TrainConfig
+from softprompt.config import (
+    GenerationConfig,
+    Method,
+    PromptConfig,
+    Scheduler,
+    TrainConfig,
+    resolved_lr,
+)
 from softprompt.distributed import all_reduce_sum, distributed_state, same_count, shard_layers
 from softprompt.encode import IGNORE_INDEX, EncodedDataset, adds_bos, encode_dataset
 from softprompt.errors import SoftPromptError
 from softprompt.faults import crash_point
 from softprompt.inputs import rows_loss
+from softprompt.methods import PromptMethod
 from softprompt.models import decoder_layers, freeze
-from softprompt.prompt import (
-    CONFIG_FILE,
-    PROMPT_FILE,
-    PromptMeta,
-    SoftPrompt,
-    init_prompt,
-    prompt_exists,
-    save_prompt,
-)
+from softprompt.prefix import KVPrefix, kv_shape
+from softprompt.prompt import CONFIG_FILE, PROMPT_FILE, PromptMeta, prompt_exists, save_prompt
 from softprompt.tasks import Task
 
 LOG_FILE = "log.jsonl"
 
 Rows = list[tuple[list[int], list[int]]]  # encoded (ids, labels) rows
-EpochCallback = Callable[[int, torch.Tensor], dict[str, Any]]
+EpochCallback = Callable[[int, Any], dict[str, Any]]  # (epoch, exported PromptLike)
 
 
 @dataclass
 class TrainResult:
     """What :func:`train` returns; the same is on disk in ``output_dir``."""
 
-    prompt: torch.Tensor  # [P, H], the best (or last, without validation) prompt
+    prompt: Any  # PromptLike: [P, H] or a KVPrefix; the best (or last) prompt
     meta: PromptMeta
     log: list[dict[str, Any]] = field(default_factory=list)
     output_dir: Path | None = None
@@ -81,6 +90,7 @@ class Run:
     model_name: str
     train_data: EncodedDataset
     val_data: EncodedDataset | None
+    val_records: list[dict] | None  # for --metric-for-best by generation
     batch: GlobalBatch  # examples per optimizer step, and how they are split
     rank: int
     main: bool  # the process that writes files and prints
@@ -124,9 +134,9 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
             ``checkpoint-<step>/`` go.
         overwrite: replace a prompt already in ``output_dir``.
         resume: continue from the newest good checkpoint in ``output_dir``.
-        on_epoch_end: called as ``f(epoch, prompt [P, H])`` after each epoch, on the main
-            process (on every process with a sharded model, whose forwards need them all);
-            the metrics it returns are added to that epoch's log record.
+        on_epoch_end: called as ``f(epoch, prompt)`` (the exported PromptLike) after each
+            epoch, on the main process (on every process with a sharded model, whose forwards
+            need them all); the metrics it returns are added to that epoch's log record.
     """
     # 1. Check and encode everything before touching the output directory.
     run = setup(model, tokenizer, task, train_records, output_dir, validation_records,
@@ -142,6 +152,8 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
                    disable=not (progress and run.main), dynamic_ncols=True, file=sys.stderr)
         while state.epoch < cfg.epochs and not state.best.out_of_patience(cfg.patience):
             fit_epoch(run, state, bar)
+            if state.best.out_of_patience(cfg.patience):
+                break  # a validation within the epoch ran out of patience (and saved)
             record = end_epoch(run, state, on_epoch_end)
             if run.main:
                 bar.write(" ".join(f"{k}={v}" for k, v in record.items() if k != "event"),
@@ -154,7 +166,7 @@ def train(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
         atomic.write_jsonl(run.out / LOG_FILE, state.log)
         save_prompt(run.out, state.best_prompt, meta)
     distributed_state().wait_for_everyone()
-    return TrainResult(state.best_prompt.cpu(), meta, state.log, run.out)
+    return TrainResult(state.best_prompt.to("cpu"), meta, state.log, run.out)
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -170,25 +182,46 @@ def setup(model, tokenizer, task: Task, train_records: list[dict], output_dir: s
     the CPU); otherwise to the model's device.
     """
     check_output_dir(output_dir, overwrite, resume)
+    config = check_flags(config, prompt_config, task, bool(validation_records))
     records = (train_records[: config.max_train_examples] if config.max_train_examples
                else train_records)
     train_data = encode_dataset(task, records, tokenizer, prompt_config.num_virtual_tokens,
                                 config.max_length, "training")
-    val_data = None
+    val_data, val_records = None, None
     if validation_records:
-        val_data = encode_dataset(task, validation_records[: config.max_eval_examples],
-                                  tokenizer, prompt_config.num_virtual_tokens, config.max_length,
-                                  "validation")
+        val_records = validation_records[: config.max_eval_examples]
+        val_data = encode_dataset(task, val_records, tokenizer, prompt_config.num_virtual_tokens,
+                                  config.max_length, "validation")
     procs = distributed_state()
     sharded = config.shard_model and procs.num_processes > 1
     batch = GlobalBatch(config.batch_size, procs.num_processes, config.gradient_accumulation_steps)
     run = Run(model, tokenizer, task, Path(output_dir), prompt_config, config, model_name,
-              train_data, val_data, batch, procs.process_index, procs.is_main_process, sharded,
-              procs.device if sharded else model.device, int(adds_bos(tokenizer)), progress)
+              train_data, val_data, val_records, batch, procs.process_index,
+              procs.is_main_process, sharded, procs.device if sharded else model.device,
+              int(adds_bos(tokenizer)), progress)
     if run.main:
         for name, data in (("training", train_data), ("validation", val_data)):
             _report_cuts(run, name, data)
     return run
+
+
+def check_flags(config: TrainConfig, prompt_config: PromptConfig, task: Task,
+                    validation: bool) -> TrainConfig:
+    """Refuse flags the run cannot honour; fill in the method's default ``--lr``."""
+    allowed = ("loss", task.primary_metric)
+    if config.metric_for_best not in allowed:
+        raise SoftPromptError(f"--metric-for-best must be {' or '.join(allowed)} for task "
+                              f"{task.name}, got {config.metric_for_best!r}")
+    for flag, given in (("--eval-steps", config.eval_steps),
+                        ("--metric-for-best", config.metric_for_best != "loss")):
+        if given and not validation:
+            raise SoftPromptError(f"{flag} needs validation data; give --validation PATH")
+    if config.gradient_checkpointing and prompt_config.method is Method.PREFIX:
+        # transformers' checkpointed layers drop the past cache (a recompute would append to
+        # it twice), so the prefix would vanish from every layer.
+        raise SoftPromptError("--gradient-checkpointing does not work with --method prefix "
+                              "yet; drop it (or use --bf16 to save memory)")
+    return replace(config, lr=resolved_lr(config, prompt_config))
 
 
 def _report_cuts(run: Run, name: str, data: EncodedDataset | None) -> None:
@@ -211,15 +244,12 @@ def start_state(run: Run, *, resume: bool, overwrite: bool) -> TrainState:
     would otherwise continue the old run).
     """
     pcfg = run.prompt_config
-    init_ids = None
-    if pcfg.init.value == "text":
-        init_text = pcfg.init_text or run.task.instruction or run.task.template
-        init_ids = run.tokenizer(init_text, add_special_tokens=False).input_ids
-    prompt = init_prompt(run.model.get_input_embeddings().weight, pcfg.num_virtual_tokens,
-                         pcfg.init, init_ids, run.config.seed).to(run.device)
+    init_ids = methods.init_token_ids(pcfg, run.task, run.tokenizer)
+    prompt = methods.build(pcfg, run.model, init_ids, run.config.seed,
+                           run.model_name).to(run.device)
     optimizer = torch.optim.Adam(prompt.parameters(), lr=run.config.lr,
                                  weight_decay=run.config.weight_decay)
-    state = TrainState(prompt, optimizer, prompt.embeddings.detach().clone(), run.batch)
+    state = TrainState(prompt, optimizer, prompt.export(), run.batch)
     if overwrite and not resume and run.main:
         for _, path in checkpoint.list_checkpoints(run.out):
             shutil.rmtree(path, ignore_errors=True)
@@ -306,6 +336,12 @@ def fit_epoch(run: Run, state: TrainState, bar) -> None:
         state.log.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
+        # The epoch's last step is validated by end_epoch.
+        if (cfg.eval_steps and state.global_step % cfg.eval_steps == 0
+                and state.step_in_epoch < len(order)):
+            mid_epoch_validation(run, state, bar)
+            if state.best.out_of_patience(cfg.patience):
+                return
         if cfg.save_steps and state.global_step % cfg.save_steps == 0:
             save_checkpoint(run, state)
 
@@ -322,9 +358,10 @@ def train_step(run: Run, state: TrainState, rows: Rows) -> dict[str, Any]:
         where = f"; the last good checkpoint is {last[-1][1]}" if last else ""
         raise SoftPromptError(f"loss became {loss} at step {state.global_step + 1} (epoch "
                               f"{state.epoch + 1}); lower --lr (now {run.config.lr}){where}")
-    params, cfg = state.prompt.parameters(), run.config
+    params, cfg = list(state.prompt.parameters()), run.config
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                 if cfg.max_grad_norm > 0 else state.prompt.embeddings.grad.norm())
+                 if cfg.max_grad_norm > 0 else torch.nn.utils.get_total_norm(
+                     [p.grad for p in params]))
     lr = lr_at(state.global_step, run.total_steps, cfg)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
@@ -341,8 +378,9 @@ def train_step(run: Run, state: TrainState, rows: Rows) -> dict[str, Any]:
             "tokens_per_s": round(n_tokens / elapsed, 1), "seconds": round(elapsed, 4)}
 
 
-def accumulate_gradient(run: Run, prompt: SoftPrompt, rows: Rows, n_targets: int) -> float:
-    """Set the prompt's gradient to that of the step's mean target loss, summed over processes.
+def accumulate_gradient(run: Run, prompt: PromptMethod, rows: Rows, n_targets: int) -> float:
+    """Set every parameter's gradient to that of the step's mean target loss, summed over
+    processes.
 
     Each process takes its ``--batch-size`` slice of every micro-batch of ``rows``; one whose
     slice is empty (the short last micro-batch of a step) adds nothing, but still has a zero
@@ -350,11 +388,12 @@ def accumulate_gradient(run: Run, prompt: SoftPrompt, rows: Rows, n_targets: int
     backward instead, so that it joins every layer's all-gather. Returns the step's summed
     target loss over all processes.
     """
-    grad = prompt.embeddings.grad
-    if grad is None:
-        prompt.embeddings.grad = torch.zeros_like(prompt.embeddings)
-    else:
-        grad.zero_()
+    params = list(prompt.parameters())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad.zero_()
     size = run.config.batch_size
     micro = size * run.world
     loss_sum = 0.0
@@ -367,13 +406,14 @@ def accumulate_gradient(run: Run, prompt: SoftPrompt, rows: Rows, n_targets: int
         (loss * weight).backward()
         loss_sum += loss.item() * n_targets * weight
     if run.world > 1:
-        all_reduce_sum(prompt.embeddings.grad, run.world)
+        for p in params:
+            all_reduce_sum(p.grad, run.world)
         total = torch.tensor([loss_sum], dtype=torch.float64, device=run.device)
         loss_sum = all_reduce_sum(total, run.world).item()
     return loss_sum
 
 
-def batch_loss(run: Run, prompt: SoftPrompt, rows: Rows) -> tuple[torch.Tensor, int]:
+def batch_loss(run: Run, prompt: PromptMethod, rows: Rows) -> tuple[torch.Tensor, int]:
     """Summed target cross-entropy of ``rows`` behind the prompt, and the number of targets."""
     try:
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.config.bf16):
@@ -386,11 +426,14 @@ def batch_loss(run: Run, prompt: SoftPrompt, rows: Rows) -> tuple[torch.Tensor, 
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``cfg.lr`` then linear decay to zero at ``total`` steps."""
+    """Linear warm-up to ``cfg.lr``, then linear or cosine decay to zero at ``total`` steps."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     remaining = max(1, total - cfg.warmup_steps)
-    return cfg.lr * max(0.0, 1 - (step - cfg.warmup_steps) / remaining)
+    done = min(1.0, (step - cfg.warmup_steps) / remaining)  # 0 -> 1 after warm-up
+    if cfg.lr_scheduler is Scheduler.COSINE:
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
+    return cfg.lr * max(0.0, 1 - done)
 
 
 # --- validate ---------------------------------------------------------------------------------
@@ -401,24 +444,67 @@ def end_epoch(run: Run, state: TrainState, on_epoch_end: EpochCallback | None) -
     record: dict[str, Any] = {"event": "epoch", "epoch": state.epoch + 1,
                               "step": state.global_step,
                               "train_loss": round(state.epoch_stats.mean_loss, 6)}
-    val = validate(run, state.prompt) if run.val_data is not None else None
-    if val is not None:
-        record["val_loss"] = round(val, 6)
-    if val is None or val < state.best.val_loss:  # without validation the last epoch is best
-        state.best = Best(math.inf if val is None else val, state.global_step, state.epoch + 1)
-        state.best_prompt = state.prompt.embeddings.detach().clone()
-    else:
-        state.best.bad_epochs += 1
+    if run.val_data is not None:
+        record.update(keep_best(run, state, validation_scores(run, state)))
+    else:  # without validation the last epoch is the best
+        state.best = Best(math.inf, state.global_step, state.epoch + 1)
+        state.best_prompt = state.prompt.export()
     if on_epoch_end is not None and (run.main or run.sharded):
-        record.update(on_epoch_end(state.epoch + 1, state.prompt.embeddings.detach()))
+        record.update(on_epoch_end(state.epoch + 1, state.prompt.export()))
     state.log.append(record)
     state.epoch += 1
     state.step_in_epoch = 0
     return record
 
 
+def mid_epoch_validation(run: Run, state: TrainState, bar) -> None:
+    """``--eval-steps``: validate, keep the best, log an ``eval`` record and save."""
+    record = {"event": "eval", "epoch": state.epoch + 1, "step": state.global_step,
+              **keep_best(run, state, validation_scores(run, state))}
+    state.log.append(record)
+    if run.main and run.progress:
+        bar.write(" ".join(f"{k}={v}" for k, v in record.items() if k != "event"),
+                  file=sys.stderr)
+    save(run, state)
+
+
+def validation_scores(run: Run, state: TrainState) -> dict[str, float]:
+    """``val_loss`` and, with ``--metric-for-best`` a metric, ``val_<metric>`` (unrounded)."""
+    scores = {"val_loss": validate(run, state.prompt)}
+    metric = run.config.metric_for_best
+    if metric != "loss":
+        scores[f"val_{metric}"] = generation_metric(run, state.prompt.export())
+    return scores
+
+
+def keep_best(run: Run, state: TrainState, scores: dict[str, float]) -> dict[str, float]:
+    """Make the current prompt the best if its score beats the best's (else count a bad
+    validation); returns the scores rounded for the log."""
+    metric = run.config.metric_for_best
+    score = -scores["val_loss"] if metric == "loss" else scores[f"val_{metric}"]
+    if score > state.best.score:
+        state.best = Best(scores["val_loss"], state.global_step, state.epoch + 1, 0, score)
+        state.best_prompt = state.prompt.export()
+    else:
+        state.best.bad_evals += 1
+    return {k: round(v, 6) for k, v in scores.items()}
+
+
 @torch.no_grad()
-def validate(run: Run, prompt: SoftPrompt) -> float:
+def generation_metric(run: Run, prompt) -> float:
+    """The ``--metric-for-best`` metric of greedy generation behind ``prompt`` on the
+    validation records (at most ``--max-eval-examples``), as ``softprompt evaluate`` scores."""
+    from softprompt.evaluation import SOFT, System, evaluate
+
+    gen = GenerationConfig(max_new_tokens=run.task.max_new_tokens)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.config.bf16):
+        result = evaluate(run.model, run.tokenizer, run.task, run.val_records,
+                          System(SOFT, prompt), generation=gen, max_length=run.config.max_length)
+    return float(result.metrics[run.config.metric_for_best])
+
+
+@torch.no_grad()
+def validate(run: Run, prompt: PromptMethod) -> float:
     """Mean target cross-entropy over the validation rows, split across processes."""
     assert run.val_data is not None
     rows = run.val_data.rows[run.rank::run.world]
@@ -460,18 +546,27 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
 def prompt_meta(run: Run, state: TrainState) -> PromptMeta:
     """``softprompt.json`` for the best prompt so far."""
     pcfg = run.prompt_config
+    prefix = isinstance(state.best_prompt, KVPrefix)
+    layers, kv_heads, head_dim = kv_shape(run.model.config) if prefix else (None, None, None)
     return PromptMeta(model=run.model_name, task=run.task.to_dict(),
                       num_virtual_tokens=pcfg.num_virtual_tokens,
-                      hidden_size=state.prompt.hidden_size, init=pcfg.init.value,
-                      train_args={**asdict(run.config),
-                                  "num_virtual_tokens": pcfg.num_virtual_tokens,
-                                  "init": pcfg.init.value, "init_text": pcfg.init_text,
+                      hidden_size=run.model.get_input_embeddings().weight.shape[1],
+                      init=(pcfg.prefix_init if prefix else pcfg.init).value,
+                      train_args={**_plain(asdict(run.config)), **_plain(asdict(pcfg)),
                                   "world_size": run.world},
-                      metrics=final_metrics(state.best, state.log))
+                      metrics=final_metrics(run, state.best, state.log),
+                      method=pcfg.method.value, num_layers=layers,
+                      num_key_value_heads=kv_heads, head_dim=head_dim)
 
 
-def final_metrics(best: Best, log: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run's summary for ``softprompt.json``: best epoch and step, losses, steps, time."""
+def _plain(options: dict[str, Any]) -> dict[str, Any]:
+    """Config fields for JSON: enums as their values."""
+    return {k: getattr(v, "value", v) for k, v in options.items()}
+
+
+def final_metrics(run: Run, best: Best, log: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's summary for ``softprompt.json``: best epoch and step, losses (and the metric
+    for best), steps, time."""
     epochs = [r for r in log if r["event"] == "epoch"]
     steps = [r for r in log if r["event"] == "step"]
     metrics: dict[str, Any] = {"best_epoch": best.epoch, "best_step": best.step,
@@ -479,6 +574,8 @@ def final_metrics(best: Best, log: list[dict[str, Any]]) -> dict[str, Any]:
                                "train_seconds": round(sum(r["seconds"] for r in steps), 2)}
     if math.isfinite(best.val_loss):
         metrics["val_loss"] = round(best.val_loss, 6)
+    if run.config.metric_for_best != "loss" and math.isfinite(best.score):
+        metrics[f"val_{run.config.metric_for_best}"] = round(best.score, 6)
     if epochs:
         metrics["train_loss"] = epochs[-1]["train_loss"]
     return metrics
