@@ -88,8 +88,10 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def expected_output(model, tok, tensor, task, record, max_tokens) -> str:
-    """The request decoded alone by generation.generate (no server, no engine)."""
+def expected_output(model, tok, tensor, task, record, max_tokens, **options) -> str:
+    """The request decoded alone by generation.generate (no server, no engine), with the
+    task's decoding defaults and ``options`` (GenerationConfig fields)."""
     text = render_input(task, make_example(task, record, with_target=False))
-    return generate(model, tok, [text], tensor, GenerationConfig(max_new_tokens=max_tokens),
-                    stop=task.stop)[0]
+    cfg = GenerationConfig(**{**task.generation_defaults(), "max_new_tokens": max_tokens,
+                              **options})
+    return generate(model, tok, [text], tensor, cfg, stop=task.stop)[0]

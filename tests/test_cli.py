@@ -380,7 +380,9 @@ def test_evaluate_with_dtype_bfloat16_scores_the_bfloat16_model(cli, capfd, tmp_
     model, tok = load_model(cli["model"], dtype=torch.bfloat16)
     expected = evaluate(model, tok, get_task("translation"), read_records(test, limit=2),
                         System("hard", instruction="Translate:"),
-                        generation=GenerationConfig(max_new_tokens=3))
+                        generation=GenerationConfig(**{
+                            **get_task("translation").generation_defaults(),
+                            "max_new_tokens": 3}))
     rows = [json.loads(x) for x in (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in expected.predictions]
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
@@ -552,4 +554,36 @@ def test_compare_generation_has_its_own_batch_size_and_seed(cli, capfd, tmp_path
     assert run.returncode == 0, str(run)
     recorded = json.loads((out / "comparison.json").read_text())["generation"]
     assert recorded == {"max_new_tokens": 2, "temperature": 0.0, "top_p": 1.0,
-                        "batch_size": 5, "seed": 3}
+                        "batch_size": 5, "seed": 3, "repetition_penalty": 1.2,  # the preset's
+                        "no_repeat_ngram_size": 0, "min_new_tokens": 0,
+                        "penalize_output_only": False, "num_beams": 1}
+
+
+def test_decoding_control_flags_reach_generate_evaluate_and_compare(cli, capfd, tmp_path):
+    controls = ["--num-beams", "2", "--repetition-penalty", "1.3", "--no-repeat-ngram-size",
+                "2", "--min-new-tokens", "3"]
+    options = {"num_beams": 2, "repetition_penalty": 1.3, "no_repeat_ngram_size": 2,
+               "min_new_tokens": 3}
+    run = _main(["generate", "--prompt", str(cli["prompt_dir"]), "--input", "The dog sleeps.",
+                 "--max-new-tokens", "6", *controls], capfd)
+    assert run.returncode == 0, str(run)
+    pm = _in_process(cli)
+    assert run.stdout == pm.generate("The dog sleeps.", max_new_tokens=6, **options) + "\n"
+    test = str(SAMPLES / "translation" / "test.jsonl")
+    run = _main(["evaluate", "--prompt", str(cli["prompt_dir"]), "--test", test, "--output",
+                 str(tmp_path / "ev"), "--limit", "2", "--max-new-tokens", "4", "--quiet",
+                 *controls], capfd)
+    assert run.returncode == 0, str(run)
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "predictions.jsonl").read_text()
+            .splitlines()]
+    inputs = [json.loads(line) for line in open(test).read().splitlines()[:2]]
+    assert [r["prediction"] for r in rows] == pm.generate(inputs, max_new_tokens=4, **options)
+    run = _main(["compare", "--task", "translation", "--prompt", str(cli["prompt_dir"]),
+                 "--test", test, "--output", str(tmp_path / "cmp"), "--models", cli["model"],
+                 "--limit", "1", "--max-new-tokens", "2", "--quiet", *controls], capfd)
+    assert run.returncode == 0, str(run)
+    recorded = json.loads((tmp_path / "cmp" / "comparison.json").read_text())["generation"]
+    assert {k: recorded[k] for k in options} == options
+    run = _main(["generate", "--prompt", str(cli["prompt_dir"]), "--input", "x",
+                 "--num-beams", "2", "--temperature", "0.5"], capfd)
+    _one_line_error(run, "--num-beams 2 searches deterministically")

@@ -302,3 +302,59 @@ def test_finished_rows_leave_the_cache_together_once_a_quarter_is_done(tiny):
     for i, h in enumerate(handles):
         assert h.result(timeout=0).text == _alone(model, tok, TEXTS[i % 6], prompts[names[i]],
                                                   i + 1)
+
+
+def test_decoding_controls_apply_per_row_as_in_generate(tiny):
+    """Rows with different controls (and none) share the batch; each equals generate() with
+    its own settings, which tests/test_decoding.py compares with transformers."""
+    model, tok, _ = tiny
+    engine, prompts = _engine(model, tok)
+    settings = [{}, {"repetition_penalty": 1.6}, {"no_repeat_ngram_size": 2,
+                                                  "repetition_penalty": 0.6},
+                {"min_new_tokens": 5, "repetition_penalty": 1.2},
+                {"repetition_penalty": 0.6, "no_repeat_ngram_size": 2,
+                 "penalize_output_only": True}]
+    jobs = [(TEXTS[i], ["p3", "p5", "p8", None, "p3"][i], settings[i]) for i in range(5)]
+    handles = [engine.submit(name, text, SamplingParams(max_new_tokens=10, **opts))
+               for text, name, opts in jobs]
+    engine.run_until_idle()
+    for (text, name, opts), handle in zip(jobs, handles):
+        expected = generate(model, tok, [text], prompts.get(name),
+                            GenerationConfig(max_new_tokens=10, **opts))[0]
+        assert handle.result(timeout=0).text == expected
+        if opts:  # the control changed this row's output
+            assert expected != _alone(model, tok, text, prompts.get(name), 10)
+
+
+def test_beam_request_runs_alone_between_steps_and_equals_generate(tiny):
+    model, tok, _ = tiny
+    engine, prompts = _engine(model, tok)
+    greedy = engine.submit("p3", TEXTS[0], SamplingParams(max_new_tokens=10))
+    engine.step()  # the greedy request is decoding
+    beam = engine.submit("p5", TEXTS[1], SamplingParams(max_new_tokens=10, num_beams=3))
+    engine.step()  # one decoding step, then the beam request, searched to the end
+    assert beam.done and not greedy.done
+    engine.run_until_idle()
+    cfg = GenerationConfig(max_new_tokens=10, num_beams=3)
+    expected = generate(model, tok, [TEXTS[1]], prompts["p5"], cfg)[0]
+    assert beam.result(timeout=0).text == expected
+    assert expected != _alone(model, tok, TEXTS[1], prompts["p5"], 10)
+    assert greedy.result(timeout=0).text == _alone(model, tok, TEXTS[0], prompts["p3"], 10)
+    events = []
+    while True:
+        kind, value = beam.next_event(timeout=0)
+        events.append(kind)
+        if kind == "done":
+            break
+    assert events == ["delta", "done"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"repetition_penalty": -1.0}, "repetition_penalty must be positive"),
+    ({"min_new_tokens": -1}, "min_new_tokens must be zero (off) or a positive integer"),
+    ({"num_beams": 2, "temperature": 0.5}, "num_beams 2 searches deterministically"),
+])
+def test_bad_decoding_controls_are_refused(options, message):
+    with pytest.raises(SoftPromptError) as err:
+        SamplingParams(**options)
+    assert str(err.value).startswith(message)

@@ -50,8 +50,9 @@ def test_long_input_is_truncated_to_the_context_and_generates_like_the_cut_input
     cut = text.removeprefix("English: ").removesuffix("\nGerman:")
     assert long_source.startswith(cut) and len(cut) < len(long_source) // 2
     assert out == pm.generate({"source": cut}, max_new_tokens=6)
-    assert out == generate(model, tok, [pm.render({"source": cut})], pm.prompt,
-                           GenerationConfig(max_new_tokens=6), stop=task.stop)[0]
+    cfg = GenerationConfig(**{**task.generation_defaults(), "max_new_tokens": 6})
+    assert out == generate(model, tok, [pm.render({"source": cut})], pm.prompt, cfg,
+                           stop=task.stop)[0]
 
 
 def test_too_long_input_is_refused_in_one_line_by_generate(tiny):

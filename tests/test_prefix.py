@@ -217,5 +217,5 @@ def test_prompted_model_generates_behind_a_saved_prefix(tiny, tmp_path):
     pm = load_prompt(tmp_path, loaded=(model, tok))
     out = pm.generate(TEXTS[0], max_new_tokens=6)
     text = pm.render(TEXTS[0])
-    assert out == generate(model, tok, [text], prefix, GenerationConfig(max_new_tokens=6),
-                           stop=pm.task.stop)[0]
+    cfg = GenerationConfig(**{**pm.task.generation_defaults(), "max_new_tokens": 6})
+    assert out == generate(model, tok, [text], prefix, cfg, stop=pm.task.stop)[0]

@@ -67,7 +67,8 @@ def test_a_tiny_run_writes_results_md_with_seeds_shots_margins_and_curve(results
     out, md = tmp_path / "out", tmp_path / "doc" / "RESULTS.md"
     md.parent.mkdir()
     argv = ["--model", str(tiny_dirs["gpt2"]), "--limit", "3", "--train-limit", "8",
-            "--epochs", "1", "--methods", "prompt,prefix", "--seeds", "0,1", "--shots", "0,1", "--curve-sizes", "4",
+            "--epochs", "1", "--methods", "prompt,prefix", "--seeds", "0,1", "--shots", "0,1",
+            "--curve-sizes", "4",
             "--val-limit", "2", "--val-loss-limit", "3", "--out", str(out), "--output",
             str(md), "--quiet"]
     results.main(argv)

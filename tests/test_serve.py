@@ -244,8 +244,8 @@ def test_deleting_a_prompt_lets_running_requests_finish(served):
     tensor, task = prompts["de5"]
     assert res.status_code == 200
     text = render_input(task, make_example(task, {"source": SOURCES[3]}, with_target=False))
-    want = generate(model, tok, [text], tensor, GenerationConfig(max_new_tokens=300),
-                    stop="\u0000never")[0]
+    cfg = GenerationConfig(**{**task.generation_defaults(), "max_new_tokens": 300})
+    want = generate(model, tok, [text], tensor, cfg, stop="\u0000never")[0]
     assert res.json()["choices"][0]["text"] == want
 
 
@@ -421,8 +421,10 @@ def test_readme_openai_client_block_runs_against_the_server(served):
             exec(compile(block.replace("http://127.0.0.1:8000", url), "README.md", "exec"), {})
     source = re.search(r'prompt="([^"]+)"', block).group(1)
     tokens = int(re.search(r"max_tokens=(\d+)", block).group(1))
-    assert out.getvalue().strip() == expected_output(model, tok, tensor, task,
-                                                     {"source": source}, tokens)
+    plain, controlled = out.getvalue().strip("\n").split("\n")
+    assert plain == expected_output(model, tok, tensor, task, {"source": source}, tokens)
+    assert controlled == expected_output(model, tok, tensor, task, {"source": source}, tokens,
+                                         num_beams=4, repetition_penalty=1.2)
 
 
 def test_chat_with_the_base_model_uses_its_chat_template(served):
@@ -450,3 +452,46 @@ def test_chat_with_the_base_model_uses_its_chat_template(served):
     tensor, task = prompts["de3"]
     assert soft.json()["choices"][0]["message"]["content"] == expected_output(
         model, tok, tensor, task, {"source": "Rain."}, 6)
+
+
+def test_decoding_controls_and_beams_from_an_openai_client(served):
+    """The controls travel in extra_body (as for vLLM); each output equals generate() with
+    the same settings, which tests/test_decoding.py compares with transformers."""
+    server, prompts, model, tok = served
+    tensor, task = prompts["de5"]
+    with running(server) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                               timeout=30)
+        for body, options in [
+            ({"repetition_penalty": 1.5, "no_repeat_ngram_size": 2},
+             {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2}),
+            ({"min_tokens": 6}, {"min_new_tokens": 6}),
+            ({"repetition_penalty": 1.5, "penalize_output_only": True},
+             {"repetition_penalty": 1.5, "penalize_output_only": True}),
+            ({"min_new_tokens": 6, "num_beams": 3}, {"min_new_tokens": 6, "num_beams": 3}),
+        ]:
+            want = expected_output(model, tok, tensor, task, {"source": SOURCES[1]}, 12,
+                                   **options)
+            done = client.completions.create(model="de5", prompt=SOURCES[1], max_tokens=12,
+                                             extra_body=body)
+            assert done.choices[0].text == want, body
+            chat = client.chat.completions.create(
+                model="de5", max_tokens=12, extra_body=body,
+                messages=[{"role": "user", "content": SOURCES[1]}])
+            assert chat.choices[0].message.content == want, body
+        beams = {"num_beams": 3}
+        # An input whose beam output is not the greedy one (the comparison can fail).
+        source, want = next((s, w) for s in SOURCES for w in [expected_output(
+            model, tok, tensor, task, {"source": s}, 12, **beams)]
+            if w != expected_output(model, tok, tensor, task, {"source": s}, 12))
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="de5", prompt=source, max_tokens=12, stream=True, extra_body=beams))
+        assert streamed == want
+    with running(server) as url, httpx.Client(base_url=url, timeout=30) as http:
+        for body, words in [({"best_of": 2}, "send num_beams"),
+                            ({"min_tokens": 2, "min_new_tokens": 3}, "disagree"),
+                            ({"num_beams": 2, "temperature": 0.8}, "searches deterministically"),
+                            ({"num_beams": 9}, ""), ({"repetition_penalty": 0}, "")]:
+            res = http.post("/v1/completions", json={"model": "de3", "prompt": "x", **body})
+            assert res.status_code == 400, body
+            assert words in res.json()["error"]["message"]

@@ -125,7 +125,8 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
 
     ``task`` defaults to the prompt's; ``model`` to the prompt's or the bundled model;
     ``chat_template`` (None: the prompt's own setting) wraps inputs in the chat template;
-    ``options`` are GenerationConfig fields (``max_new_tokens`` defaults to the task's).
+    ``options`` are GenerationConfig fields (``max_new_tokens`` and the decoding controls
+    default to the task's: ``Task.generation_defaults``).
     ``shots`` > 0 puts that many solved examples from ``train`` (drawn with ``shots_seed``)
     before each input of a hard prompt (few-shot; see :mod:`softprompt.evaluation`).
     With ``output``, writes ``predictions.jsonl`` and ``metrics.json`` there.
@@ -168,7 +169,7 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
         system = (evaluation.System("hard", instruction=hard) if hard is not None
                   else evaluation.System("no instruction"))
     task_obj = _chat(task_obj, chat_template)
-    gen = GenerationConfig(**{"max_new_tokens": task_obj.max_new_tokens, **options})
+    gen = GenerationConfig(**{**task_obj.generation_defaults(), **options})
     records = read_records(test, test_split, limit=limit)
     make_examples(task_obj, records)  # bad records answer before the model load
     if shots:  # demonstrations from the training split only; the chat-template hook: chat=
@@ -204,21 +205,25 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
     """Soft prompt vs hard prompts on one test set, per model; writes the report to ``output``.
 
     ``options`` are PromptConfig/TrainConfig fields for training the soft prompt (``epochs``,
-    ``batch_size``, ``method``, ...); generation has its own ``eval_batch_size`` and
-    ``eval_seed``. ``shots``: the K of the hard baselines (default ``(0, 3)`` with ``train``,
-    else ``(0,)``), demonstrations drawn from ``train`` with ``shots_seed``; ``seeds``: one
-    soft prompt per seed (mean ± std, default the ``seed`` option); ``train_sizes``: the
-    learning curve.
+    ``batch_size``, ``method``, ...), and the decoding controls of GenerationConfig
+    (``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``,
+    ``penalize_output_only``, ``num_beams``; default: the task's); generation has its own
+    ``eval_batch_size`` and ``eval_seed``. ``shots``: the K of the hard baselines (default
+    ``(0, 3)`` with ``train``, else ``(0,)``), demonstrations drawn from ``train`` with
+    ``shots_seed``; ``seeds``: one soft prompt per seed (mean ± std, default the ``seed``
+    option); ``train_sizes``: the learning curve.
     """
     from softprompt import comparison
 
-    prompt_opts, train_opts = _split_options(options, PromptConfig, TrainConfig)
+    prompt_opts, train_opts, gen_opts = _split_options(options, PromptConfig, TrainConfig,
+                                                       GenerationConfig)
     task_obj = _chat(_task(task), chat_template or None)
     check_count("--eval-batch-size", eval_batch_size)
     if eval_seed < 0:
         raise SoftPromptError(f"--eval-seed must be zero or positive, got {eval_seed!r}")
-    gen = GenerationConfig(max_new_tokens=task_obj.max_new_tokens if max_new_tokens is None
-                           else max_new_tokens,
+    gen = GenerationConfig(**{**task_obj.generation_defaults(), **gen_opts,
+                              **({} if max_new_tokens is None
+                                 else {"max_new_tokens": max_new_tokens})},
                            temperature=temperature, top_p=top_p, batch_size=eval_batch_size,
                            seed=eval_seed)
     names = [m.strip() for m in (models.split(",") if isinstance(models, str) else models)]
@@ -251,14 +256,16 @@ class PromptedModel:
         return render_input(self.task, input_example(self.task, item))
 
     def generate(self, inputs: str | dict | list[str | dict], **options: Any) -> str | list[str]:
-        """Generate for one input or a list; options are GenerationConfig fields.
+        """Generate for one input or a list; options are GenerationConfig fields
+        (``max_new_tokens``, ``temperature``, ``repetition_penalty``, ``num_beams``, ...;
+        ``max_new_tokens`` and the decoding controls default to the task's).
 
         Each input's truncate field is cut (as in training) to leave the model's positions
         room for the prompt and ``max_new_tokens``; a task without one refuses a long input.
         """
         single = not isinstance(inputs, list)
         items = [inputs] if single else inputs
-        opts = {"max_new_tokens": self.task.max_new_tokens, **options}
+        opts = {**self.task.generation_defaults(), **options}
         progress = opts.pop("progress", False)
         cfg = GenerationConfig(**opts)
         ids = [encode_for_generation(self.task, input_example(self.task, x, i), self.tokenizer,
@@ -331,14 +338,22 @@ class PromptPool:
 
     def generate(self, inputs: Sequence[str | dict], prompts: Sequence[str], *,
                  max_new_tokens: int | None = None, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0) -> list[str]:
+                 top_p: float = 1.0, seed: int = 0, **controls: Any) -> list[str]:
         """One output per input, input ``i`` behind prompt ``prompts[i]``, batched together.
 
-        ``max_new_tokens`` defaults to each prompt's task setting; long inputs have their
-        task's truncate field cut to fit the model's positions.
+        ``max_new_tokens`` and the decoding ``controls`` (``repetition_penalty``,
+        ``no_repeat_ngram_size``, ``min_new_tokens``, ``penalize_output_only``, ``num_beams``)
+        default to each prompt's
+        task settings; long inputs have their task's truncate field cut to fit the model's
+        positions.
         """
         from softprompt.engine import SamplingParams
 
+        unknown_options = sorted(set(controls) - {"repetition_penalty", "no_repeat_ngram_size",
+                                                   "min_new_tokens", "penalize_output_only",
+                                                   "num_beams"})
+        if unknown_options:
+            raise SoftPromptError(f"unknown option(s) {unknown_options}")
         if len(inputs) != len(prompts):
             raise SoftPromptError(f"{len(inputs)} inputs but {len(prompts)} prompts; give one "
                                   f"prompt per input")
@@ -350,7 +365,8 @@ class PromptPool:
             task = self.tasks[name]
             params = SamplingParams(max_new_tokens=max_new_tokens or task.max_new_tokens,
                                     temperature=temperature, top_p=top_p, seed=seed,
-                                    stop=[task.stop] if task.stop else [])
+                                    stop=[task.stop] if task.stop else [],
+                                    **{**task.decoding, **controls})
             ids = encode_for_generation(
                 task, input_example(task, item, i), self.tokenizer,
                 num_virtual_tokens=self.engine.virtual_tokens(name),

@@ -37,7 +37,7 @@ def _add_dataclass(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, 
         help_text = f.metadata.get("help", "")
         if kind is bool:
             group.add_argument(flag, action="store_true", dest=f.name,
-                               help=f"{help_text} (default: off)")
+                               help=f"{help_text} (default: {(shown or {}).get(f.name, 'off')})")
             continue
         if isinstance(kind, types.UnionType):  # X | None
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
@@ -143,11 +143,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    """GenerationConfig flags given; ``--max-new-tokens`` left out means the task's."""
+    """GenerationConfig flags given; ``--max-new-tokens`` and the decoding controls left out
+    mean the task's."""
     options = _pick(args, GenerationConfig)
-    if options.get("max_new_tokens") is None:
-        options.pop("max_new_tokens", None)
+    for name in TASK_DEFAULT:
+        if options.get(name) is None:
+            options.pop(name, None)
     return options
+
+
+def _decoding_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding controls given (compare: the other generation flags are its own)."""
+    return {name: value for name, value in _generation_options(args).items()
+            if name in DECODING_FLAGS}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -210,7 +218,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         eval_batch_size=args.eval_batch_size, eval_seed=args.eval_seed, **_study_options(args),
         overwrite=args.overwrite, reuse=args.reuse, progress=not args.quiet, **_runtime(args),
-        chat_template=args.chat_template, **_pick(args, PromptConfig), **_pick(args, TrainConfig))
+        chat_template=args.chat_template, **_pick(args, PromptConfig), **_pick(args, TrainConfig),
+        **_decoding_options(args))
     print(summary(comparisons))
     print(f"\nreport: {Path(args.output) / 'report.md'}")
     return 0
@@ -275,7 +284,16 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     _add_runtime_args(p)
 
 
-TASK_DEFAULT = {"max_new_tokens": "the task's"}  # --max-new-tokens unset: the task decides
+# Unset, these generation flags are the task's (max_new_tokens, and the decoding controls of
+# its preset); num_beams is not a task setting but stays unset so that compare's flag is
+# passed only when given.
+DECODING_FLAGS = ("repetition_penalty", "no_repeat_ngram_size", "min_new_tokens",
+                  "penalize_output_only", "num_beams")
+TASK_DEFAULT = {"max_new_tokens": "the task's", "repetition_penalty": "the task's, else 1.0",
+                "no_repeat_ngram_size": "the task's, else 0", "min_new_tokens":
+                "the task's, else 0", "penalize_output_only": "the task's, else off",
+                "num_beams": "1"}
+UNSET = dict.fromkeys(TASK_DEFAULT)  # argparse defaults: None, the task decides
 
 
 def _evaluate_parser(p: argparse.ArgumentParser) -> None:
@@ -297,7 +315,7 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_few_shot_args(p)
     _add_dataclass(p, GenerationConfig, shown=TASK_DEFAULT)
-    p.set_defaults(max_new_tokens=None)
+    p.set_defaults(**UNSET)
 
 
 def _add_few_shot_args(p: argparse.ArgumentParser) -> None:
@@ -346,7 +364,7 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
                    help="Inputs decoded together in evaluation (default: 16)")
     g.add_argument("--eval-seed", type=int, default=0, metavar="INT",
                    help="Seed for sampling in evaluation (default: 0)")
-    p.set_defaults(max_new_tokens=None)
+    p.set_defaults(**UNSET)
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
@@ -380,7 +398,7 @@ def _generate_parser(p: argparse.ArgumentParser) -> None:
     _add_runtime_args(p)
     _add_chat_arg(p, trained=True)
     _add_dataclass(p, GenerationConfig, shown=TASK_DEFAULT)
-    p.set_defaults(max_new_tokens=None)
+    p.set_defaults(**UNSET)
 
 
 # --- PEFT interop and inspection (softprompt.interop, softprompt.inspection) ------------------

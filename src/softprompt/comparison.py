@@ -157,7 +157,7 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
     train_records, val_records, test_records = _read_data(
         task, (train_path, validation_path, test_path), splits, limit)
     sizes = _check_sizes(train_sizes or [], train_records, prompt_dir)
-    gen = generation or GenerationConfig(max_new_tokens=task.max_new_tokens)
+    gen = generation or GenerationConfig(**task.generation_defaults())
     pcfg = prompt_config or PromptConfig()
     comparisons = []
     for name in model_names:

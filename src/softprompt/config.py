@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from softprompt.errors import SoftPromptError
 
@@ -281,12 +282,57 @@ class GenerationConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (with sampling)."})
     batch_size: int = field(default=16, metadata={"help": "Inputs decoded together."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling."})
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={"help": "Penalise tokens already in the input or output: their positive "
+                          "scores divided by this, negative ones multiplied (1.0: off; above 1 "
+                          "curbs loops; transformers' semantics)."},
+    )
+    no_repeat_ngram_size: int = field(
+        default=0,
+        metadata={"help": "Never repeat an n-gram of this size from the input or output "
+                          "(0: off)."},
+    )
+    min_new_tokens: int = field(
+        default=0, metadata={"help": "No EOS before this many new tokens (0: off)."}
+    )
+    penalize_output_only: bool = field(
+        default=False,
+        metadata={"help": "The repetition penalty and the n-gram ban weigh the generated "
+                          "tokens alone, not the input's too"},
+    )
+    num_beams: int = field(
+        default=1,
+        metadata={"help": "Beam search with this many beams (1: greedy or sampling; length "
+                          "penalty 1.0, no early stopping, as transformers)."},
+    )
 
     def __post_init__(self) -> None:
-        _positive(self, "max_new_tokens", "batch_size")
+        _positive(self, "max_new_tokens", "batch_size", "num_beams")
         _non_negative(self, "temperature", "seed")
         if not 0 < self.top_p <= 1:
             raise SoftPromptError(f"--top-p must be in (0, 1], got {self.top_p!r}")
+        problem = check_controls(self)
+        if problem:
+            raise SoftPromptError(problem)
+        if self.num_beams > 1 and self.temperature > 0:
+            raise SoftPromptError(f"--num-beams {self.num_beams} searches deterministically; "
+                                  f"drop --temperature (or use --num-beams 1 to sample)")
+
+
+def check_controls(settings: Any, flag=_flag) -> str | None:
+    """The first decoding control out of range (``repetition_penalty``,
+    ``no_repeat_ngram_size``, ``min_new_tokens``) as a one-line message naming ``flag(name)``
+    (GenerationConfig's flags, or a request's field names), or None."""
+    penalty = settings.repetition_penalty
+    if not (isinstance(penalty, (int, float)) and penalty > 0):
+        return (f"{flag('repetition_penalty')} must be positive (1.0: off, above 1 penalises "
+                f"repeats), got {penalty!r}")
+    for name in ("no_repeat_ngram_size", "min_new_tokens"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{flag(name)} must be zero (off) or a positive integer, got {value!r}"
+    return None
 
 
 def resolved_lr(train: TrainConfig, prompt: PromptConfig) -> float:

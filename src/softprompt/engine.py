@@ -19,6 +19,12 @@ request completes at once; its row leaves the cache together with others, once a
 the batch is done (each leave copies every layer's cache), and slots that no remaining row
 uses are trimmed from the left.
 
+Decoding controls (repetition penalty, no-repeat n-grams, minimum new tokens) apply to each
+row with its own settings and history (its input ids and its output). A beam-search request
+(``num_beams > 1``) does not join the batch: the worker runs it alone through the batched beam
+search (softprompt.beam_search) when it is admitted, between two decoding steps, so the running
+rows wait for it; its text arrives as one delta.
+
 The engine knows nothing of HTTP: ``submit`` returns a :class:`Handle` whose events a server
 streams; :meth:`Engine.generate` is the plain Python entry point.
 """
@@ -34,6 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from softprompt.config import check_controls
+from softprompt.decoding import apply_controls, controls_active
 from softprompt.encode import adds_bos, context_limit
 from softprompt.errors import SoftPromptError
 from softprompt.generation import check_inputs, cut_at_stop, next_tokens
@@ -111,13 +119,21 @@ class PrefixCache:
 
 @dataclass
 class SamplingParams:
-    """Decoding settings of one request (greedy unless ``temperature > 0``)."""
+    """Decoding settings of one request (greedy unless ``temperature > 0``), with the
+    decoding controls of softprompt.decoding (applied to this request's row alone) and
+    ``num_beams`` (> 1: the request runs through the batched beam search on its own, see
+    :class:`Engine`)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    penalize_output_only: bool = False
+    num_beams: int = 1
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -126,6 +142,14 @@ class SamplingParams:
             raise SoftPromptError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise SoftPromptError(f"top_p must be in (0, 1], got {self.top_p}")
+        problem = check_controls(self, flag=str)
+        if problem:
+            raise SoftPromptError(problem)
+        if self.num_beams < 1:
+            raise SoftPromptError(f"num_beams must be positive, got {self.num_beams}")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise SoftPromptError(f"num_beams {self.num_beams} searches deterministically; "
+                                  f"send temperature 0 (or num_beams 1 to sample)")
         self.stop = [s for s in self.stop if s]
 
 
@@ -213,6 +237,7 @@ class _Row:
         self.gen = None
         if self.params.temperature > 0:
             self.gen = torch.Generator().manual_seed(self.params.seed)
+        self.controlled = controls_active(self.params)
         self.reason: str | None = None  # why it finished: "stop", "length" or "cancelled"
 
     @property
@@ -411,6 +436,11 @@ class Engine:
             self._decode()
             worked = True
         admitted = self._admit()
+        for handle, prefix in [a for a in admitted if a[0].params.num_beams > 1]:
+            handle.started = time.perf_counter()
+            self._beam_search(handle, prefix)  # the running batch waits meanwhile
+            worked = True
+        admitted = [a for a in admitted if a[0].params.num_beams == 1]
         if admitted:
             self._prefill(admitted)
             worked = True
@@ -500,13 +530,46 @@ class Engine:
         self._after_sampling(tokens)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        """``[B, V]`` logits -> ``[B]`` next tokens: greedy rows at once, each sampling row
-        with its own settings and generator (generation.next_tokens)."""
+        """``[B, V]`` logits -> ``[B]`` next tokens: plain greedy rows at once; each row with
+        decoding controls or sampling with its own settings, history and generator
+        (decoding.apply_controls, generation.next_tokens)."""
         tokens = logits.argmax(-1)
         for i, row in enumerate(rows):
-            if row.params.temperature > 0:
-                tokens[i] = next_tokens(logits[i:i + 1], row.params, row.gen)[0]
+            scores = logits[i:i + 1]  # [1, V]
+            if row.controlled:
+                lead = [] if self.bos is None else [self.bos]
+                weighed = ([] if row.params.penalize_output_only
+                           else lead + row.handle.input_ids)
+                history = torch.tensor([weighed + row.generated], dtype=torch.long,
+                                       device=logits.device)  # [1, L]
+                scores = apply_controls(scores, history, len(row.generated), row.params,
+                                        self.eos)
+            if row.controlled or row.params.temperature > 0:
+                tokens[i] = next_tokens(scores, row.params, row.gen)[0]
         return tokens
+
+    def _beam_search(self, handle: Handle, prefix: PromptCache | None) -> None:
+        """Run a ``num_beams > 1`` request alone through the batched beam search
+        (softprompt.beam_search) and complete it; its text arrives as one delta."""
+        from softprompt.beam_search import beam_search
+
+        try:
+            (ids,) = beam_search(self.model, self.tokenizer, prefix, [handle.input_ids],
+                                 handle.params, handle.params.stop, self.bos)
+        except Exception as exc:  # the request fails, not the engine
+            self._fail(handle, f"{type(exc).__name__}: {exc}")
+            return
+        handle.first_token = time.perf_counter()
+        text, stopped = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True),
+                                    handle.params.stop)
+        reason = "length" if len(ids) >= handle.params.max_new_tokens and not stopped else "stop"
+        if text:
+            handle._delta(text)
+        handle._finish(Completion(text, ids, reason, len(handle.input_ids),
+                                  queue_seconds=(handle.started or handle.submitted)
+                                  - handle.submitted,
+                                  first_token_seconds=handle.first_token - handle.submitted,
+                                  seconds=time.perf_counter() - handle.submitted))
 
     def _after_sampling(self, tokens: torch.Tensor) -> None:
         """Record each row's new token, stream its text, and drop rows that finished.

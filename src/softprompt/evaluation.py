@@ -195,7 +195,7 @@ def evaluate(model, tokenizer, task: Task, records: list[dict], system: System, 
     Returns metrics on a 0-100 scale (``loss`` and ``perplexity`` aside) plus ``n``,
     ``empty_rate`` (share of empty predictions), ``seconds`` and ``examples_per_s``.
     """
-    gen = generation or GenerationConfig(max_new_tokens=task.max_new_tokens)
+    gen = generation or GenerationConfig(**task.generation_defaults())
     check_count("limit", limit)
     examples = make_examples(task, records if limit is None else records[:limit])
     context = context_limit(model)

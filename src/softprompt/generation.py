@@ -3,7 +3,9 @@
 The ``[BOS? | P]`` prefix does not depend on the input, so its keys/values are computed once
 per prompt and copied into every batch (inputs.PromptCache), whose cache reserves room for all
 the positions it will reach (no per-step copies). Rows are sorted by length,
-decoded greedily (or sampled), and each stops at EOS or at the task's stop string (which may
+decoded greedily (or sampled, or by beam search: softprompt.beam_search), with the decoding
+controls of softprompt.decoding (repetition penalty, no-repeat n-grams, minimum new tokens)
+applied per row, and each stops at EOS or at the task's stop string (which may
 span tokens); a stop string only counts once the row has produced non-whitespace text. An
 input must leave room in the model's positions for the prompt and the new tokens.
 """
@@ -18,6 +20,12 @@ from tqdm.auto import tqdm
 
 from softprompt.batching import length_sorted_batches
 from softprompt.config import GenerationConfig
+from softprompt.decoding import (
+    DecodingControls,
+    apply_controls,
+    controls_active,
+    history_tensor,
+)
 from softprompt.encode import adds_bos, context_limit
 from softprompt.errors import SoftPromptError
 from softprompt.inputs import (
@@ -81,12 +89,23 @@ def generate(model, tokenizer, texts: list[str] | list[list[int]],
             to fit with ``encode.encode_example``); one that does not is refused.
         prompt: ``[P, H]`` soft prompt or a :class:`~softprompt.prefix.KVPrefix` (compiled to
             one key/value cache for all rows), or None for the plain model (hard prompts).
-        config: decoding settings.
+        config: decoding settings (greedy, sampling or beam search, and the decoding controls).
         stop: stop string (besides EOS), e.g. ``"\\n"``.
 
     Returns:
         One string per input, in input order, cut at the stop string and stripped.
     """
+    generated = generate_ids(model, tokenizer, texts, prompt, config, stop, progress)
+    return [cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)[0]
+            for ids in generated]
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, texts: list[str] | list[list[int]],
+                 prompt: PromptLike | None = None,
+                 config: GenerationConfig | None = None, stop: str | None = None,
+                 progress: bool = False) -> list[list[int]]:
+    """:func:`generate`'s new token ids for each input, EOS dropped, before decoding."""
     cfg = config or GenerationConfig()
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     encoded = [tokenizer(t).input_ids if isinstance(t, str) else list(t) for t in texts]
@@ -96,13 +115,18 @@ def generate(model, tokenizer, texts: list[str] | list[list[int]],
                  context_limit(model), bos is not None)
     prefix = build_prompt_cache(model, prompt, bos)
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.temperature > 0 else None
-    results: list[str] = [""] * len(texts)
+    results: list[list[int]] = [[] for _ in texts]
     bar = tqdm(total=len(texts), disable=not progress, desc="generate", unit="ex")
     for rows in length_sorted_batches([len(ids) for ids in encoded], cfg.batch_size):
-        generated = _generate_batch(model, tokenizer, prefix, [encoded[r] for r in rows], cfg,
-                                    stop, gen)
+        batch = [encoded[r] for r in rows]
+        if cfg.num_beams > 1:
+            from softprompt.beam_search import beam_search
+
+            generated = beam_search(model, tokenizer, prefix, batch, cfg, stop, bos)
+        else:
+            generated = _generate_batch(model, tokenizer, prefix, batch, cfg, stop, gen, bos)
         for r, ids in zip(rows, generated):
-            results[r] = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop)[0]
+            results[r] = ids
         bar.update(len(rows))
     bar.close()
     return results
@@ -128,13 +152,14 @@ def check_inputs(encoded: list[list[int]], num_virtual: int, max_new_tokens: int
                 f"--max-length) or lower --max-new-tokens")
 
 
-def _generate_batch(model, tokenizer, prefix: PromptCache | None, encoded: list[list[int]],
-                    cfg: GenerationConfig, stop: str | None,
-                    gen: torch.Generator | None) -> list[list[int]]:
-    """Decode one batch of input ids (BOS already in ``prefix``); the new ids of each row."""
+def prefill(model, prefix: PromptCache | None, encoded: list[list[int]], pad: int,
+            capacity: int):
+    """One forward of left-padded input ids ``encoded`` (BOS already in ``prefix``) on top of
+    the prefix, in a cache reserving ``capacity`` positions beyond the batch's inputs.
+
+    Returns ``(last logits [B, V], cache, full_mask [B, C + T], next_pos [B, 1])``.
+    """
     device = model.device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     prefix_len = prefix.length if prefix is not None else 0
     bsz, width = len(encoded), max(len(ids) for ids in encoded)
     input_ids = torch.full((bsz, width), pad, dtype=torch.long)  # [B, T], left-padded
@@ -146,12 +171,39 @@ def _generate_batch(model, tokenizer, prefix: PromptCache | None, encoded: list[
     positions = first_positions(prefix_len, mask)  # [B, T]
     full_mask = torch.cat([mask.new_ones(bsz, prefix_len), mask], 1)  # [B, C + T]
     # Room for every position this batch can reach: no cache copies while decoding.
-    cache = reserved_cache(prefix_len + width + cfg.max_new_tokens, prefix, bsz)
+    cache = reserved_cache(prefix_len + width + capacity, prefix, bsz)
     logits, cache = cached_forward(model, cache, input_ids, full_mask, positions)
-    next_pos = positions[:, -1:] + 1  # [B, 1]
+    return logits, cache, full_mask, positions[:, -1:] + 1
+
+
+def input_history(encoded: list[list[int]], bos: int | None, device: torch.device | str,
+                  settings: DecodingControls) -> torch.Tensor:
+    """``[B, L]`` the input ids the decoding controls weigh for each row: BOS (where the
+    prefix carries one) and the input's ids, left-padded with ``decoding.NO_TOKEN``; none
+    (``[B, 0]``) with ``penalize_output_only``."""
+    if settings.penalize_output_only:
+        return torch.empty(len(encoded), 0, dtype=torch.long, device=device)
+    lead = [] if bos is None else [bos]
+    return history_tensor([lead + list(ids) for ids in encoded], device)
+
+
+def _generate_batch(model, tokenizer, prefix: PromptCache | None, encoded: list[list[int]],
+                    cfg: GenerationConfig, stop: str | None,
+                    gen: torch.Generator | None, bos: int | None = None) -> list[list[int]]:
+    """Decode one batch of input ids (BOS already in ``prefix``); the new ids of each row."""
+    device = model.device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    logits, cache, full_mask, next_pos = prefill(model, prefix, encoded, pad,
+                                                 cfg.max_new_tokens)
+    controlled = controls_active(cfg)
+    # [A, L + step]: what the controls weigh (only kept when one is on)
+    history = input_history(encoded, bos, device, cfg) if controlled else None
     generated: list[list[int]] = [[] for _ in encoded]
-    active = list(range(bsz))  # batch rows still decoding; logits has one row for each
+    active = list(range(len(encoded)))  # batch rows still decoding; logits has one row each
     for step in range(cfg.max_new_tokens):
+        if controlled:
+            logits = apply_controls(logits, history, step, cfg, eos)
         tokens = next_tokens(logits, cfg, gen)  # [A]
         keep = []
         for j, tok in enumerate(tokens.tolist()):
@@ -163,10 +215,13 @@ def _generate_batch(model, tokenizer, prefix: PromptCache | None, encoded: list[
                 keep.append(j)
         if not keep or step == cfg.max_new_tokens - 1:  # no forward whose logits go unread
             break
+        if controlled:
+            history = torch.cat([history, tokens.unsqueeze(1)], 1)
         if len(keep) < len(active):  # finished rows leave the batch: no compute on them
             index = torch.tensor(keep, device=device)
             cache = select_rows(cache, index)
             tokens, full_mask, next_pos = tokens[index], full_mask[index], next_pos[index]
+            history = history[index] if controlled else None
             active = [active[j] for j in keep]
         full_mask = torch.cat([full_mask, full_mask.new_ones(len(active), 1)], 1)
         logits, cache = cached_forward(model, cache, tokens.unsqueeze(1), full_mask, next_pos)

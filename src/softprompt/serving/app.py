@@ -116,7 +116,7 @@ class Server:
         card["softprompt"] = {"kind": "soft prompt", "task": task.name,
                               "template": task.template, "fields": task.placeholders(),
                               "stop": task.stop, "max_new_tokens": task.max_new_tokens,
-                              "instruction": task.instruction,
+                              "decoding": task.decoding, "instruction": task.instruction,
                               "method": served.method,
                               "num_virtual_tokens": num_virtual_tokens(served.tensor),
                               "sha256": served.key}
@@ -196,9 +196,14 @@ class Server:
             raise ApiError(400, f"at most 4 stop strings, got {len(stops)}")
         if served is not None and served.task.stop:
             stops.append(served.task.stop)
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature or 0.0,
-                                top_p=req.top_p if req.top_p is not None else 1.0,
-                                seed=req.seed or 0, stop=stops)
+        try:
+            params = SamplingParams(max_new_tokens=max_tokens,
+                                    temperature=req.temperature or 0.0,
+                                    top_p=req.top_p if req.top_p is not None else 1.0,
+                                    seed=req.seed or 0, stop=stops,
+                                    **_controls(req, served.task.decoding if served else {}))
+        except SoftPromptError as exc:
+            raise ApiError(400, str(exc)) from None
         return name, ids, params
 
     async def run(self, request: Request, req: protocol.SamplingFields,
@@ -265,6 +270,22 @@ class Server:
             self.metrics.record(label, endpoint, completion)
             if completion is None:
                 handle.cancel()  # the client disconnected mid-stream
+
+
+def _controls(req: protocol.SamplingFields, task_defaults: dict[str, Any]) -> dict[str, Any]:
+    """The request's decoding controls, the prompt's task defaults where it sends none."""
+    if req.best_of is not None and req.best_of > 1:
+        raise ApiError(400, f"best_of {req.best_of} is not supported; send num_beams (in "
+                            f"extra_body with OpenAI's client) for beam search")
+    if None not in (req.min_tokens, req.min_new_tokens) and req.min_tokens != req.min_new_tokens:
+        raise ApiError(400, f"min_tokens {req.min_tokens} and min_new_tokens "
+                            f"{req.min_new_tokens} disagree; send one of them")
+    given = {"repetition_penalty": req.repetition_penalty,
+             "no_repeat_ngram_size": req.no_repeat_ngram_size,
+             "min_new_tokens": req.min_tokens if req.min_tokens is not None
+             else req.min_new_tokens,
+             "penalize_output_only": req.penalize_output_only, "num_beams": req.num_beams}
+    return {**task_defaults, **{k: v for k, v in given.items() if v is not None}}
 
 
 def _finish(completion: Completion) -> str:

@@ -30,6 +30,26 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1, description="Only 1 is supported.")
+    # Decoding controls (not OpenAI's; OpenAI clients send them in extra_body, as for vLLM).
+    # Unset, a prompt's task settings apply (see softprompt.tasks), else off.
+    repetition_penalty: float | None = Field(
+        default=None, ge=0.01, le=10, description="Above 1 penalises tokens already in the input "
+        "or output (transformers' semantics; 1: off).")
+    no_repeat_ngram_size: int | None = Field(
+        default=None, ge=0, le=64, description="Never repeat an n-gram of this size from the "
+        "input or output (0: off).")
+    min_tokens: int | None = Field(
+        default=None, ge=0, le=100_000, description="No EOS before this many tokens (vLLM's "
+        "name; stop strings still end the output).")
+    min_new_tokens: int | None = Field(default=None, ge=0, le=100_000,
+                                       description="The same as min_tokens (transformers' name).")
+    penalize_output_only: bool | None = Field(
+        default=None, description="repetition_penalty and no_repeat_ngram_size weigh the "
+        "generated tokens alone, not the input's too.")
+    num_beams: int | None = Field(default=None, ge=1, le=8, description="Beam search with this "
+                                  "many beams (greedy search, temperature 0); 1: off.")
+    best_of: int | None = Field(default=None, ge=1, description="Only 1; send num_beams for "
+                                "beam search.")
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
