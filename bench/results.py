@@ -43,6 +43,7 @@ from report import git_commit  # noqa: E402
 
 from softprompt.comparison import SOFT, compare  # noqa: E402
 from softprompt.config import (  # noqa: E402
+    DEFAULT_LR,
     GenerationConfig,
     PromptConfig,
     TrainConfig,
@@ -218,7 +219,9 @@ def _configs(task: str, plan: Plan, method: str, n: int) -> tuple[PromptConfig, 
     s = SETTINGS[task]
     prompt_opts, train_opts = method_options(method)
     return (PromptConfig(num_virtual_tokens=s["num_virtual_tokens"], **prompt_opts),
-            TrainConfig(epochs=plan.epochs[task], lr=s["lr"], batch_size=BATCH_SIZE,
+            # The swept lr is the prompt method's; the other methods take their own default.
+            TrainConfig(epochs=plan.epochs[task], lr=s["lr"] if method == "prompt" else None,
+                        batch_size=BATCH_SIZE,
                         max_length=s["max_length"], max_train_examples=n,
                         max_eval_examples=plan.val_loss_limit, patience=1, **train_opts))
 
@@ -254,7 +257,8 @@ def run_task(name: str, plan: Plan, out_dir: Path, args) -> dict:
             reuse=bool(i) or args.reuse, overwrite=True, progress=not args.quiet)[0]
         data = json.loads((method_dir / "comparison.json").read_text())
         methods[method] = {**comp.to_dict(), "settings": data["settings"],
-                           "samples": {k: v[:2] for k, v in comp.predictions.items()}}
+                           "samples": {k: v[:2] for k, v in comp.predictions.items()},
+                           "trainable_parameters": _trainable_parameters(method_dir)}
         if comp.curve:
             figure = args.output.parent / "results" / f"learning_curve_{name}.png"
             figure.parent.mkdir(parents=True, exist_ok=True)
@@ -265,6 +269,18 @@ def run_task(name: str, plan: Plan, out_dir: Path, args) -> dict:
                          "batch_size": BATCH_SIZE},
             "test_examples": plan.test_examples, "methods": methods,
             "wall_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _trainable_parameters(method_dir: Path) -> int | None:
+    """What the method trained, as its first prompt's softprompt.json records it."""
+    metas = sorted(method_dir.glob("prompt*/softprompt.json"))
+    if not metas:
+        return None
+    return json.loads(metas[0].read_text())["metrics"].get("trainable_parameters")
+
+
+def _or_dash(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 # --- RESULTS.md -------------------------------------------------------------------------------
@@ -306,9 +322,14 @@ def _best_margin(m: dict) -> dict | None:
     return next((i for i in m["intervals"] if i["best"]), None)
 
 
+def _default_lrs() -> str:
+    return ", ".join(f"{m} {lr}" for m, lr in DEFAULT_LR.items() if m != "prompt")
+
+
 def _summary(results: list[dict]) -> list[str]:
     lines = ["| task | metric | method | soft prompt (mean ± std) | best hard prompt | "
-             "margin, 95% CI | significant |", "|---" * 7 + "|"]
+             "margin, 95% CI | significant | train s / seed | trained parameters |",
+             "|---" * 9 + "|"]
     for r in results:
         p = r["primary"]
         for method, m in r["methods"].items():
@@ -320,7 +341,9 @@ def _summary(results: list[dict]) -> list[str]:
             lines.append(f"| {r['task']} | {PRIMARY_NAMES.get(p, p)} | {method} | "
                          f"{soft:.2f} ± {std:.2f} | {hard:.2f} ({b['system']}) | "
                          f"{b['estimate']:+.2f} [{b['low']:+.2f}, {b['high']:+.2f}] | "
-                         f"{'yes' if b['significant'] else 'no'} |")
+                         f"{'yes' if b['significant'] else 'no'} | "
+                         f"{_or_dash(m.get('train_seconds'), '.0f')} | "
+                         f"{_or_dash(m.get('trainable_parameters'), ',')} |")
     return lines
 
 
@@ -436,7 +459,8 @@ def write_results_md(out: Path, path: Path = ROOT / "RESULTS.md",
         s = r["settings"]
         systems, spread = _systems(r)
         md += [f"## {TASK_TITLES.get(r['task'], r['task'])}", "",
-               f"Soft prompts: P={s['num_virtual_tokens']}, lr={s['lr']}, {s['epochs']} "
+               f"Soft prompts: P={s['num_virtual_tokens']}, lr={s['lr']} (method prompt; the "
+               f"others their default: {_default_lrs()}), {s['epochs']} "
                f"epoch(s) on the first {s['train_examples']} training examples, batch "
                f"{s['batch_size']}, max length {s['max_length']}; "
                f"{r['test_examples'] or 'all'} test examples. Training time per seed: "

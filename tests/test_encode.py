@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 from conftest import _corpus, build_tokenizer
 
-from softprompt.encode import IGNORE_INDEX, encode_example, target_token_ids
-from softprompt.tasks import get_task, make_example
+from softprompt.encode import (
+    IGNORE_INDEX,
+    adds_bos,
+    encode_example,
+    encode_for_generation,
+    target_token_ids,
+)
+from softprompt.errors import SoftPromptError
+from softprompt.tasks import get_task, make_example, make_examples, render_input
 
 TRANSLATION = get_task("translation")
 RECORD = {"source": "A dog runs on the beach.", "target": "Ein Hund rennt am Strand."}
@@ -103,3 +114,145 @@ def test_truncated_input_keeps_the_target_boundary(tokenizer):
     text = tokenizer.decode(enc.input_ids, skip_special_tokens=True)
     whole = tokenizer(text + " " + RECORD["target"]).input_ids
     assert enc.input_ids + enc.target_ids == whole + [tokenizer.eos_token_id]
+
+
+# --- --chat-template --------------------------------------------------------------------------
+
+# A chat template in the style of ChatML (SmolLM2, Qwen): no BOS of its own, the user's turn
+# closed by EOS, the assistant's generation prompt ending in a newline.
+CHAT_TEMPLATE = ("{% for m in messages %}<|user|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+CHAT = replace(TRANSLATION, chat_template=True)
+
+
+@pytest.fixture(params=sorted(TOKENIZERS))
+def chat_tokenizer(request):
+    tok = TOKENIZERS[request.param]()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _chat(text: str) -> str:
+    return f"<|user|>\n{text}</s>\n<|assistant|>\n"
+
+
+def test_chat_template_wraps_the_input_and_the_target_follows_the_generation_prompt(
+        chat_tokenizer):
+    tok = chat_tokenizer
+    example = make_example(CHAT, RECORD)
+    enc = encode_example(CHAT, example, tok)
+    wrapped = _chat("English: A dog runs on the beach.\nGerman:")
+    bos = [tok.bos_token_id] if adds_bos(tok) else []  # the prompt still goes after BOS
+    assert enc.input_ids == bos + tok(wrapped, add_special_tokens=False).input_ids
+    # The target is the assistant's reply: right after the generation prompt, then EOS.
+    whole = tok(wrapped + RECORD["target"], add_special_tokens=False).input_ids
+    assert bos + whole + [tok.eos_token_id] == enc.input_ids + enc.target_ids
+    assert tok.decode(enc.target_ids, skip_special_tokens=True) == RECORD["target"]
+    # Generation encodes the same input.
+    assert encode_for_generation(CHAT, make_example(CHAT, RECORD, with_target=False), tok,
+                                 num_virtual_tokens=4, max_new_tokens=8,
+                                 max_length=None) == enc.input_ids
+
+
+def test_chat_template_truncation_cuts_the_source_inside_the_template(chat_tokenizer):
+    tok = chat_tokenizer
+    record = {"source": " ".join(["The big brown dog sleeps under the table."] * 30),
+              "target": RECORD["target"]}
+    example = make_example(CHAT, record)
+    whole = encode_example(CHAT, example, tok)
+    enc = encode_example(CHAT, example, tok, num_virtual_tokens=4, max_length=80)
+    assert enc.truncated and 4 + len(enc.input_ids) + len(enc.target_ids) <= 80
+    # The template's head and tail (from "\nGerman:" to the generation prompt) are whole.
+    tail = len(tok("German:</s>\n<|assistant|>\n", add_special_tokens=False).input_ids) - 1
+    assert enc.input_ids[:8] == whole.input_ids[:8]
+    assert enc.input_ids[-tail:] == whole.input_ids[-tail:]
+    assert enc.target_ids == whole.target_ids
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused_in_one_line():
+    tok = build_tokenizer(add_bos=False)
+    with pytest.raises(SoftPromptError, match="this model's tokenizer has no chat template; "
+                                              "drop --chat-template") as err:
+        encode_example(CHAT, make_example(CHAT, RECORD), tok)
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_dirs, tmp_path_factory) -> Path:
+    """The tiny Llama (BOS first) saved with a tokenizer that has :data:`CHAT_TEMPLATE`."""
+    from softprompt.models import load_model
+
+    model, tok = load_model(str(tiny_dirs["llama"]))
+    tok.chat_template = CHAT_TEMPLATE
+    directory = tmp_path_factory.mktemp("chat-llama")
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def test_chat_template_is_trained_stored_and_reused_by_evaluate_generate_and_serve(chat_model,
+                                                                                  tmp_path):
+    from softprompt import api
+    from softprompt.config import GenerationConfig
+    from softprompt.data import read_records
+    from softprompt.encode import encode_dataset
+    from softprompt.engine import Engine
+    from softprompt.evaluation import SOFT, System, _encode
+    from softprompt.generation import generate
+    from softprompt.serving import protocol
+    from softprompt.serving.app import Server, ServerConfig
+
+    samples = Path(__file__).resolve().parents[1] / "src" / "softprompt" / "samples"
+    train = samples / "translation" / "train.jsonl"
+    out = tmp_path / "prompts" / "chat"
+    result = api.train("translation", train, out, model=str(chat_model), device="cpu",
+                       precision="fp32", chat_template=True, epochs=1, batch_size=4,
+                       num_virtual_tokens=4, max_train_examples=4, progress=False)
+    assert result.meta.task["chat_template"] is True
+    assert json.loads((out / "softprompt.json").read_text())["task"]["chat_template"] is True
+    # One encoding for training, evaluation and generation: the chat-wrapped input.
+    pm = api.load_prompt(out, device="cpu", precision="fp32")
+    assert pm.task.chat_template
+    records = read_records(train, limit=4)
+    examples = make_examples(pm.task, records)
+    rows = encode_dataset(pm.task, records, pm.tokenizer, 4, 512, "training").rows
+    evaluated = _encode(pm.task, examples, pm.tokenizer, System(SOFT, pm.prompt), 512,
+                        with_target=False)
+    for (ids, labels), ex, ev in zip(rows, examples, evaluated):
+        wrapped = _chat(render_input(pm.task, ex))
+        expected = [pm.tokenizer.bos_token_id] + pm.tokenizer(
+            wrapped, add_special_tokens=False).input_ids
+        assert ids[:len(expected)] == expected and labels[len(expected) - 1] == IGNORE_INDEX
+        assert labels[len(expected)] != IGNORE_INDEX
+        assert ev.input_ids == expected
+    # generate (stored setting, no flag) = the generation of the wrapped ids.
+    item = {"source": records[0]["source"]}
+    wrapped_ids = evaluated[0].input_ids
+    cfg = GenerationConfig(max_new_tokens=5)
+    direct = generate(pm.model, pm.tokenizer, [wrapped_ids], pm.prompt, cfg, stop=pm.task.stop)
+    assert pm.generate(item, max_new_tokens=5) == direct[0]
+    assert api.generate(out, item, device="cpu", precision="fp32", max_new_tokens=5) == direct[0]
+    # evaluate reads the stored setting too.
+    ev = api.evaluate(train, prompt=out, limit=1, device="cpu", precision="fp32",
+                      max_new_tokens=5)
+    assert ev.predictions[0]["prediction"] == direct[0]
+    overridden = api.evaluate(train, prompt=out, task="translation", limit=1, device="cpu",
+                              precision="fp32", max_new_tokens=5)  # --task keeps the wrapping
+    assert overridden.predictions[0]["prediction"] == direct[0]
+    # serve feeds the engine the same ids (BOS lives in the engine's prefix).
+    server = Server(Engine(pm.model, pm.tokenizer), ServerConfig(out.parent, "base"))
+    server.load("chat")
+    _, ids, _ = server.prepare(protocol.CompletionRequest(model="chat", prompt=item["source"]),
+                               item["source"])
+    assert ids == wrapped_ids[1:]
+
+
+def test_training_with_chat_template_on_a_model_without_one_is_refused(tiny_dirs, tmp_path):
+    from softprompt import api
+
+    samples = Path(__file__).resolve().parents[1] / "src" / "softprompt" / "samples"
+    with pytest.raises(SoftPromptError, match="has no chat template"):
+        api.train("translation", samples / "translation" / "train.jsonl", tmp_path / "x",
+                  model=str(tiny_dirs["gpt2"]), device="cpu", chat_template=True, epochs=1,
+                  num_virtual_tokens=4, max_train_examples=4, progress=False)
+    assert not (tmp_path / "x" / "softprompt.json").exists()

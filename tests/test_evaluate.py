@@ -194,12 +194,15 @@ def test_chat_baseline_wraps_instruction_and_input_in_the_chat_template(tiny, sa
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         reply = tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
         assert row["prediction"] == cut_at_stop(reply, task.stop)[0]
-    # The loss is teacher-forced on the same chat text followed by the target and EOS.
+    # The loss is teacher-forced on the same chat text followed directly (the assistant's
+    # turn) by the target and EOS.
     scored = _encode(task, examples, tok, system, 512, with_target=True)
     total, count = 0.0, 0
     for text, ex, enc in zip(texts, examples, scored):
-        target = tok(" " + ex.target, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        whole = tok(text + ex.target, add_special_tokens=False).input_ids
         assert enc.input_ids == tok(text, add_special_tokens=False).input_ids
+        assert whole[:len(enc.input_ids)] == enc.input_ids
+        target = whole[len(enc.input_ids):] + [tok.eos_token_id]
         assert enc.target_ids == target
         ids = torch.tensor([enc.input_ids + target])
         logits = model(ids).logits[0, len(enc.input_ids) - 1:-1]

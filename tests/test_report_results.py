@@ -67,13 +67,15 @@ def test_a_tiny_run_writes_results_md_with_seeds_shots_margins_and_curve(results
     out, md = tmp_path / "out", tmp_path / "doc" / "RESULTS.md"
     md.parent.mkdir()
     argv = ["--model", str(tiny_dirs["gpt2"]), "--limit", "3", "--train-limit", "8",
-            "--epochs", "1", "--seeds", "0,1", "--shots", "0,1", "--curve-sizes", "4",
+            "--epochs", "1", "--methods", "prompt,prefix", "--seeds", "0,1", "--shots", "0,1",
+            "--curve-sizes", "4",
             "--val-limit", "2", "--val-loss-limit", "3", "--out", str(out), "--output",
             str(md), "--quiet"]
     results.main(argv)
     text = md.read_text()
     run = json.loads((out / "run.json").read_text())
-    assert run["command"].startswith("python bench/results.py --seeds 0,1 --shots 0,1 "
+    assert run["command"].startswith("python bench/results.py --methods prompt,prefix "
+                                     "--seeds 0,1 --shots 0,1 "
                                      "--limit 3 --train-limit 8 --epochs 1")
     for item in (run["command"], run["commit"], run["machine"], run["date"], "Total time"):
         assert item in text
@@ -82,6 +84,12 @@ def test_a_tiny_run_writes_results_md_with_seeds_shots_margins_and_curve(results
     for task in ("summarization", "qa", "translation"):
         assert f"| {task} | " in summary
     assert text.count("| soft prompt (prompt) | ") == 3 and " ± " in text
+    assert text.count("| soft prompt (prefix) | ") == 3
+    # Every method's row names what it trained: P x H = 20 x 32 for the prompt, a key and a
+    # value of 2 heads x 16 per layer, 2 layers, 20 slots for the prefix.
+    rows = {line.split(" | ")[2]: line for line in summary.splitlines()
+            if line.startswith("| translation | ")}
+    assert rows["prompt"].endswith(" | 640 |") and rows["prefix"].endswith(" | 2,560 |")
     assert "hard: ours, 1-shot" in text and "demonstrations fitted per example" in text
     assert "95% CI [" in text and "## What we found" in text
     assert "![learning curve](results/learning_curve_translation.png)" in text

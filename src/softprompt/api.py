@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from contextlib import nullcontext
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,25 +54,36 @@ def _task(task: str | Task) -> Task:
     return task if isinstance(task, Task) else get_task(task)
 
 
+def _chat(task: Task, chat_template: bool | None) -> Task:
+    """``--chat-template``: None keeps the task's (a trained prompt's) setting."""
+    return task if chat_template is None else replace(task, chat_template=chat_template)
+
+
 def train(task: str | Task, train: str | Path, output: str | Path, *,
           validation: str | Path | None = None, model: str = models.DEFAULT_MODEL,
           train_split: str = "train", validation_split: str = "validation",
           overwrite: bool = False, resume: bool = False, progress: bool = True,
           device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+          precision: str = "auto", chat_template: bool = False,
           loaded: tuple[Any, Any] | None = None, **options: Any) -> TrainResult:
     """Train a soft prompt; ``options`` are PromptConfig/TrainConfig fields (``epochs=3`` ...),
     among them the method and its options (``method="prefix"``, ``prefix_projection=True``,
     ``encoder="lstm"``, ``init_from="runs/x"``; see softprompt.methods).
 
-    ``device``/``dtype`` place the frozen model (``auto``: see :func:`models.resolve_device`
-    and :func:`models.resolve_dtype`); the prompt itself is always float32. ``loaded`` passes
-    an already loaded ``(model, tokenizer)`` to skip loading.
+    ``device``/``dtype``/``precision`` place the frozen model and choose its compute precision
+    (``auto``: see :func:`models.resolve_device` and :func:`models.resolve_precision`); the
+    prompt and its optimizer state are always float32. ``chat_template`` wraps every input in
+    the tokenizer's chat template (recorded with the prompt). ``loaded`` passes an already
+    loaded ``(model, tokenizer)`` to skip loading.
     """
     prompt_opts, train_opts = _split_options(options, PromptConfig, TrainConfig)
     pcfg, tcfg = PromptConfig(**prompt_opts), TrainConfig(**train_opts)
-    task_obj = _task(task)
+    task_obj = _chat(_task(task), chat_template or None)
     torch_device = models.resolve_device(device)
-    torch_dtype = models.resolve_dtype(dtype, torch_device)
+    prec = models.resolve_precision(precision, dtype, torch_device, training=True,
+                                    bf16=tcfg.bf16)
+    tcfg = replace(tcfg, bf16=prec.name == "bf16")  # the trainer's autocast switch
+    torch_dtype = prec.weights
     train_records = read_records(train, train_split)
     val_records = read_records(validation, validation_split) if validation else None
     # Validate the data and the output directory before the (slow) model load.
@@ -104,6 +116,7 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
              test_split: str = "test", limit: int | None = None, max_length: int = 1024,
              overwrite: bool = False, progress: bool = False,
              device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+             precision: str = "auto", chat_template: bool | None = None,
              loaded: tuple[Any, Any] | None = None, shots: int = 0, shots_seed: int = 0,
              train: str | Path | None = None, train_split: str = "train",
              **options: Any) -> evaluation.EvalResult:
@@ -111,6 +124,7 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
     instruction, or (neither) the bare template.
 
     ``task`` defaults to the prompt's; ``model`` to the prompt's or the bundled model;
+    ``chat_template`` (None: the prompt's own setting) wraps inputs in the chat template;
     ``options`` are GenerationConfig fields (``max_new_tokens`` and the decoding controls
     default to the task's: ``Task.generation_defaults``).
     ``shots`` > 0 puts that many solved examples from ``train`` (drawn with ``shots_seed``)
@@ -131,7 +145,8 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
     check_count("--limit", limit)
     check_count("--max-length", max_length)
     torch_device = models.resolve_device(device)
-    torch_dtype = models.resolve_dtype(dtype, torch_device)
+    prec = models.resolve_precision(precision, dtype, torch_device)
+    torch_dtype = prec.weights
     if output is not None:
         out = Path(output)
         if (out / evaluation.METRICS_FILE).exists() and not overwrite:
@@ -142,7 +157,10 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
     if prompt is not None:
         tensor, meta = load_prompt_tensor(prompt)
         model_name = model or meta.model
-        task_obj = _task(task) if task is not None else Task.from_dict(meta.task)
+        stored = Task.from_dict(meta.task)
+        task_obj = _task(task) if task is not None else stored
+        if chat_template is None:  # a --task override keeps the prompt's wrapping
+            chat_template = stored.chat_template or task_obj.chat_template
         system = evaluation.System(evaluation.SOFT, tensor)
     elif task is None:
         raise SoftPromptError("give --task (or --template) to evaluate a hard prompt")
@@ -150,6 +168,7 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
         task_obj = _task(task)
         system = (evaluation.System("hard", instruction=hard) if hard is not None
                   else evaluation.System("no instruction"))
+    task_obj = _chat(task_obj, chat_template)
     gen = GenerationConfig(**{**task_obj.generation_defaults(), **options})
     records = read_records(test, test_split, limit=limit)
     make_examples(task_obj, records)  # bad records answer before the model load
@@ -161,8 +180,9 @@ def evaluate(test: str | Path, output: str | Path | None = None, *,
                                                 device=torch_device)
     if tensor is not None:
         check_fits(tensor, lm, str(prompt))
-    result = evaluation.evaluate(lm, tokenizer, task_obj, records, system, generation=gen,
-                                 max_length=max_length, progress=progress)
+    with prec.context(lm.device):
+        result = evaluation.evaluate(lm, tokenizer, task_obj, records, system, generation=gen,
+                                     max_length=max_length, progress=progress)
     if output is not None:
         evaluation.write_eval(output, result)
     return result
@@ -180,6 +200,7 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
             seeds: Sequence[int] | None = None, train_sizes: Sequence[int] = (),
             overwrite: bool = False, reuse: bool = False, progress: bool = True,
             device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+            precision: str = "auto", chat_template: bool = False,
             **options: Any) -> list[ModelComparison]:
     """Soft prompt vs hard prompts on one test set, per model; writes the report to ``output``.
 
@@ -196,7 +217,7 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
 
     prompt_opts, train_opts, gen_opts = _split_options(options, PromptConfig, TrainConfig,
                                                        GenerationConfig)
-    task_obj = _task(task)
+    task_obj = _chat(_task(task), chat_template or None)
     check_count("--eval-batch-size", eval_batch_size)
     if eval_seed < 0:
         raise SoftPromptError(f"--eval-seed must be zero or positive, got {eval_seed!r}")
@@ -215,7 +236,8 @@ def compare(task: str | Task, train: str | Path | None, test: str | Path,
         prompt_config=PromptConfig(**prompt_opts), train_config=TrainConfig(**train_opts),
         shots=None if shots is None else list(shots), shots_seed=shots_seed,
         seeds=None if seeds is None else list(seeds), train_sizes=list(train_sizes),
-        overwrite=overwrite, reuse=reuse, progress=progress, device=device, dtype=dtype)
+        overwrite=overwrite, reuse=reuse, progress=progress, device=device, dtype=dtype,
+        precision=precision)
 
 
 @dataclass
@@ -227,6 +249,7 @@ class PromptedModel:
     prompt: torch.Tensor  # [P, H]
     task: Task
     model_name: str
+    precision: models.Precision | None = None  # None: the model computes in its own dtype
 
     def render(self, item: str | dict) -> str:
         """A raw text (for one-field templates) or a record -> the templated input text."""
@@ -250,34 +273,39 @@ class PromptedModel:
                                      max_new_tokens=cfg.max_new_tokens,
                                      max_length=context_limit(self.model))
                for i, x in enumerate(items)]
-        outs = generation.generate(self.model, self.tokenizer, ids, self.prompt, cfg,
-                                   stop=self.task.stop, progress=progress)
+        with self.precision.context(self.model.device) if self.precision else nullcontext():
+            outs = generation.generate(self.model, self.tokenizer, ids, self.prompt, cfg,
+                                       stop=self.task.stop, progress=progress)
         return outs[0] if single else outs
 
 
 def load_prompt(directory: str | Path, model: str | None = None, *,
                 device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                precision: str = "auto", chat_template: bool | None = None,
                 loaded: tuple[Any, Any] | None = None) -> PromptedModel:
     """Load ``prompt.safetensors`` + ``softprompt.json`` and the model it was trained on.
 
     The prompt stays float32 on the model's device; it is cast to the embeddings' dtype where
-    it meets the model.
+    it meets the model. ``chat_template`` None keeps the prompt's own setting.
     """
     torch_device = models.resolve_device(device)
-    torch_dtype = models.resolve_dtype(dtype, torch_device)
+    prec = models.resolve_precision(precision, dtype, torch_device)
+    torch_dtype = prec.weights
     tensor, meta = load_prompt_tensor(directory)
-    task = Task.from_dict(meta.task)
+    task = _chat(Task.from_dict(meta.task), chat_template)
     name = model or meta.model
     lm, tokenizer = loaded or models.load_model(name, dtype=torch_dtype, device=torch_device)
     check_fits(tensor, lm, str(directory))
-    return PromptedModel(lm, tokenizer, tensor.to(lm.device), task, name)
+    return PromptedModel(lm, tokenizer, tensor.to(lm.device), task, name, prec)
 
 
 def generate(prompt_dir: str | Path, inputs: str | dict | list, *, model: str | None = None,
              device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+             precision: str = "auto", chat_template: bool | None = None,
              **options: Any) -> str | list[str]:
     """Load a prompt and generate for ``inputs`` (see :meth:`PromptedModel.generate`)."""
-    return load_prompt(prompt_dir, model, device=device, dtype=dtype).generate(inputs, **options)
+    return load_prompt(prompt_dir, model, device=device, dtype=dtype, precision=precision,
+                       chat_template=chat_template).generate(inputs, **options)
 
 
 class PromptPool:
@@ -350,7 +378,8 @@ class PromptPool:
 
 def load_prompts(directories: dict[str, str | Path] | Sequence[str | Path], *,
                  model: str | None = None, device: str | torch.device = "auto",
-                 dtype: str | torch.dtype = "auto", loaded: tuple[Any, Any] | None = None,
+                 dtype: str | torch.dtype = "auto", precision: str = "auto",
+                 loaded: tuple[Any, Any] | None = None,
                  max_batch_size: int = 32, prefix_cache_mb: int = 512) -> PromptPool:
     """Load several prompt directories onto one model (by default the first prompt's).
 
@@ -363,7 +392,9 @@ def load_prompts(directories: dict[str, str | Path] | Sequence[str | Path], *,
         raise SoftPromptError("give at least one prompt directory")
     _, first = load_prompt_tensor(next(iter(named.values())))
     name = model or first.model
-    lm, tokenizer = loaded or models.load_model(name, dtype=dtype, device=device)
+    torch_device = models.resolve_device(device)
+    prec = models.engine_precision(precision, dtype, torch_device, "PromptPool")
+    lm, tokenizer = loaded or models.load_model(name, dtype=prec.weights, device=torch_device)
     pool = PromptPool(lm, tokenizer, name, max_batch_size=max_batch_size,
                       prefix_cache_mb=prefix_cache_mb)
     for prompt_name, directory in named.items():

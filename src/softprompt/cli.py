@@ -82,12 +82,26 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "device under accelerate/torchrun), cpu, cuda, cuda:N, mps "
                         "(default: auto)")
     g.add_argument("--dtype", default="auto",
-                   help="model weights: auto (bfloat16 on CUDA where supported, else float32), "
-                        "float32, bfloat16, float16 (default: auto)")
+                   help="model weights: auto (as --precision asks: bfloat16 to generate and "
+                        "evaluate in bf16, else float32; training keeps float32 weights under "
+                        "autocast, bfloat16 on CUDA), float32, bfloat16, float16 (default: auto)")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="how the frozen model computes: auto (bf16 where the device has native "
+                        "bfloat16: a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16; else "
+                        "fp32), bf16, fp32; the trained prompt and its optimizer state stay "
+                        "float32 (default: auto)")
 
 
 def _runtime(args: argparse.Namespace) -> dict[str, Any]:
-    return {"device": args.device, "dtype": args.dtype}
+    return {"device": args.device, "dtype": args.dtype, "precision": args.precision}
+
+
+def _add_chat_arg(p: argparse.ArgumentParser, trained: bool = False) -> None:
+    kept = " (default: as the prompt was trained)" if trained else ""
+    p.add_argument("--chat-template", action="store_const", const=True,
+                   default=None if trained else False,
+                   help="wrap each input as the user's message in the tokenizer's chat "
+                        "template, the assistant turn's generation prompt after it" + kept)
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
@@ -119,6 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                        model=args.model, train_split=args.train_split,
                        validation_split=args.validation_split, overwrite=args.overwrite,
                        resume=args.resume, progress=not args.quiet, **_runtime(args),
+                       chat_template=args.chat_template,
                        **_pick(args, PromptConfig), **_pick(args, TrainConfig))
     from softprompt.distributed import distributed_state
 
@@ -156,7 +171,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         atomic.check_writable(args.output, "--output", directory=False)
     items = ([parse_input(args.input)] if args.input is not None
              else list(read_records(args.file, args.file_split)))
-    pm = api.load_prompt(args.prompt, model=args.model, **_runtime(args))
+    pm = api.load_prompt(args.prompt, model=args.model, chat_template=args.chat_template,
+                         **_runtime(args))
     outputs = pm.generate(items, progress=args.file is not None, **options)
     if args.input is not None:
         print(outputs[0])
@@ -183,7 +199,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           limit=args.limit, max_length=args.max_length,
                           overwrite=args.overwrite, progress=not args.quiet, **_runtime(args),
                           shots=args.shots, shots_seed=args.shots_seed, train=args.train,
-                          train_split=args.train_split, **_generation_options(args))
+                          train_split=args.train_split, chat_template=args.chat_template,
+                          **_generation_options(args))
     print(json.dumps(result.metrics, indent=1))
     return 0
 
@@ -201,7 +218,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         eval_batch_size=args.eval_batch_size, eval_seed=args.eval_seed, **_study_options(args),
         overwrite=args.overwrite, reuse=args.reuse, progress=not args.quiet, **_runtime(args),
-        **_pick(args, PromptConfig), **_pick(args, TrainConfig), **_decoding_options(args))
+        chat_template=args.chat_template, **_pick(args, PromptConfig), **_pick(args, TrainConfig),
+        **_decoding_options(args))
     print(summary(comparisons))
     print(f"\nreport: {Path(args.output) / 'report.md'}")
     return 0
@@ -289,6 +307,7 @@ def _evaluate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model (default: the prompt's, or "
                    f"{DEFAULT_MODEL})")
     _add_runtime_args(p)
+    _add_chat_arg(p, trained=True)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
     p.add_argument("--max-length", type=int, default=1024,
                    help="input tokens kept per example (default: 1024)")
@@ -328,6 +347,7 @@ def _compare_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=DEFAULT_MODEL,
                    help="comma-separated models; several give a metric-vs-size plot")
     _add_runtime_args(p)
+    _add_chat_arg(p)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N test records")
     p.add_argument("--val-limit", type=int, default=20,
                    help="validation records generated for the per-epoch metric (0: none; "
@@ -358,6 +378,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model alias, local dir or hub id")
     _add_runtime_args(p)
+    _add_chat_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace a prompt in --output")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --output")
@@ -375,6 +396,7 @@ def _generate_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="write JSONL predictions to this file (default: stdout)")
     p.add_argument("--model", default=None, help="override the model recorded with the prompt")
     _add_runtime_args(p)
+    _add_chat_arg(p, trained=True)
     _add_dataclass(p, GenerationConfig, shown=TASK_DEFAULT)
     p.set_defaults(**UNSET)
 

@@ -116,7 +116,7 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
             seeds: list[int] | None = None, train_sizes: list[int] | None = None,
             overwrite: bool = False, reuse: bool = False, progress: bool = True,
             device: str | torch.device = "auto",
-            dtype: str | torch.dtype = "auto") -> list[ModelComparison]:
+            dtype: str | torch.dtype = "auto", precision: str = "auto") -> list[ModelComparison]:
     """Train (or load) soft prompts per model and compare them with hard-prompt baselines.
 
     ``splits`` are the (train, validation, test) splits of ``hf:`` sources. ``shots`` are
@@ -135,13 +135,17 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
     check_count("--val-limit", val_limit, zero="none")
     atomic.check_writable(out)
     torch_device = models.resolve_device(device)
-    torch_dtype = models.resolve_dtype(dtype, torch_device)
     if prompt_dir is None and train_path is None:
         raise SoftPromptError("give --train PATH to train a soft prompt, or --prompt DIR")
     model_names = model_names or [models.DEFAULT_MODEL]
     if prompt_dir is not None and len(model_names) > 1:
         raise SoftPromptError("--prompt fits one model; drop --models or --prompt")
     tcfg = train_config or TrainConfig()
+    # Trained here: the training rule (float32 weights under bfloat16 autocast on a CPU), and
+    # every evaluation of the comparison runs under the same autocast.
+    prec = models.resolve_precision(precision, dtype, torch_device,
+                                    training=prompt_dir is None, bf16=tcfg.bf16)
+    tcfg = replace(tcfg, bf16=prec.name == "bf16")
     seeds = _check_seeds(seeds if seeds is not None else [tcfg.seed], prompt_dir)
     shots = sorted(set(DEFAULT_SHOTS if train_path else (0,)) if shots is None else set(shots))
     if any(k < 0 for k in shots) or shots_seed < 0:
@@ -157,12 +161,13 @@ def compare(task: Task, train_path: str | None, test_path: str, output: str | Pa
     pcfg = prompt_config or PromptConfig()
     comparisons = []
     for name in model_names:
-        model, tokenizer = models.load_model(name, dtype=torch_dtype, device=torch_device)
+        model, tokenizer = models.load_model(name, dtype=prec.weights, device=torch_device)
         setup = _Setup(model, tokenizer, name, task, train_records, val_records, test_records,
                        gen, pcfg, tcfg, val_limit, overwrite, reuse, progress)
         model_out = out / slug(name) if len(model_names) > 1 else out
-        comparisons.append(_compare_model(setup, model_out, prompt_dir, hard, shots,
-                                          shots_seed, seeds, sizes))
+        with prec.context(torch_device):
+            comparisons.append(_compare_model(setup, model_out, prompt_dir, hard, shots,
+                                              shots_seed, seeds, sizes))
     settings = _settings(task, (train_path, validation_path, test_path),
                          (train_records, val_records, test_records), model_names, pcfg, tcfg,
                          gen, prompt_dir=prompt_dir, seeds=seeds, shots=shots,
@@ -190,7 +195,8 @@ def _compare_model(s: _Setup, out: Path, prompt_dir: str | None, hard: list[str]
                               out / "systems" / slug(SOFT + tag), trained=prompt_dir is not None,
                               val_metric=True))
     # 2. The hard prompts: zero-shot and K-shot.
-    chat = bool(getattr(s.tokenizer, "chat_template", None))
+    # A chat-template task wraps every system already: no separate chat baselines.
+    chat = bool(getattr(s.tokenizer, "chat_template", None)) and not s.task.chat_template
     systems = baselines(s.task, hard, chat=chat) if 0 in shots else []
     if s.train_records is not None:
         systems += few_shot_baselines(s.task, s.train_records, shots, shots_seed, chat=chat)

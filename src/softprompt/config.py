@@ -238,7 +238,8 @@ class TrainConfig:
         default=2, metadata={"help": "Keep only the newest K checkpoints (plus the best)."}
     )
     bf16: bool = field(
-        default=False, metadata={"help": "Run the frozen model under bfloat16 autocast."}
+        default=False, metadata={"help": "Alias of --precision bf16 (kept for old scripts): "
+                                          "bfloat16 autocast around the frozen model."}
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward to save memory."}

@@ -1,12 +1,14 @@
 """Records -> token ids and labels: the template filled, one field truncated to fit.
 
-The input is tokenized as the tokenizer tokenizes a whole text (BOS first where it adds one);
-the target follows with EOS, and its labels are the only ones that carry loss.
+The input is tokenized as the tokenizer tokenizes a whole text (BOS first where it adds one),
+or, for a task with ``chat_template`` (``--chat-template``), as the user's message in the
+tokenizer's chat template followed by the assistant turn's generation prompt. The target
+follows (after a space, or right after the generation prompt) with EOS, and its labels are the
+only ones that carry loss. Training, evaluation, generation and serving all encode here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from softprompt.errors import SoftPromptError
@@ -38,30 +40,57 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def chat_text(tokenizer, text: str) -> str:
+    """``text`` as the user's message in the tokenizer's chat template, followed by the
+    assistant turn's generation prompt (the template's own special tokens included)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise SoftPromptError("--chat-template: this model's tokenizer has no chat template; "
+                              "drop --chat-template (or use a model whose tokenizer has one)")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def input_token_ids(tokenizer, text: str, chat: bool = False) -> list[int]:
+    """The ids of a rendered input: the whole text as the tokenizer tokenizes it (BOS first
+    where it adds one), or with ``chat`` its :func:`chat_text`, which carries its own special
+    tokens (BOS is put first where the tokenizer adds one and the template does not, so the
+    prompt still goes right after BOS)."""
+    if not chat:
+        return tokenizer(text).input_ids
+    ids = tokenizer(chat_text(tokenizer, text), add_special_tokens=False).input_ids
+    if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
 def encode_example(task: Task, example: Example, tokenizer, *, instruction: str = "",
                    num_virtual_tokens: int = 0, max_length: int | None = None,
-                   with_target: bool = True,
-                   wrap: Callable[[str], str] | None = None) -> Encoded | None:
+                   with_target: bool = True, chat: bool = False) -> Encoded | None:
     """Tokenize one example, cutting ``task.truncate_field`` (never the target) to fit.
 
     The budget is ``max_length - num_virtual_tokens``. Returns None when even an empty source
-    leaves no room (the target alone is too long). ``wrap`` rewrites the rendered input before
-    tokenization (e.g. a chat template, which carries its own special tokens). The target's
-    ids are those it has in the whole text ``input + " " + target`` (:func:`target_token_ids`).
+    leaves no room (the target alone is too long). With ``task.chat_template`` (or ``chat``:
+    the chat hard-prompt baseline) the rendered input is wrapped in the tokenizer's chat
+    template (:func:`input_token_ids`) and the target follows its generation prompt directly;
+    otherwise the target's ids are those it has in the whole text ``input + " " + target``
+    (:func:`target_token_ids`).
     """
-    special = wrap is None  # a chat template carries its own special tokens
+    chat = chat or task.chat_template
 
     def tokenize(text: str) -> list[int]:
-        return tokenizer(text if wrap is None else wrap(text),
-                         add_special_tokens=special).input_ids
+        return input_token_ids(tokenizer, text, chat)
 
     text = render_input(task, example, instruction)
     input_ids = tokenize(text)
     target_ids: list[int] = []
     if with_target:
-        whole = text if wrap is None else wrap(text)
-        target_ids = target_token_ids(tokenizer, whole, input_ids, example.target,
-                                      add_special_tokens=special)
+        if chat:
+            whole = chat_text(tokenizer, text)
+            target_ids = target_token_ids(
+                tokenizer, whole, tokenizer(whole, add_special_tokens=False).input_ids,
+                example.target, add_special_tokens=False, separator="")
+        else:
+            target_ids = target_token_ids(tokenizer, text, input_ids, example.target)
     if max_length is None:
         return Encoded(input_ids, target_ids)
     budget = max_length - num_virtual_tokens - len(target_ids)
@@ -85,25 +114,28 @@ def encode_example(task: Task, example: Example, tokenizer, *, instruction: str 
 
 
 def target_token_ids(tokenizer, text: str, input_ids: list[int], target: str, *,
-                     add_special_tokens: bool = True) -> list[int]:
+                     add_special_tokens: bool = True, separator: str = " ") -> list[int]:
     """The ids of ``target`` as they follow ``text`` (tokenized as ``input_ids``) in the whole
-    text ``text + " " + target``, then EOS.
+    text ``text + separator + target``, then EOS.
 
     Tokenizing ``" " + target`` on its own is right for byte-level BPE (GPT-2, Llama 3), but a
     SentencePiece tokenizer that prepends "▁" to every text makes it "▁▁target": a lone "▁"
     piece before "▁target", a doubled space the model never sees between words. Cutting the
     whole text's ids after the input's is right for both. Where the tokenizer merges across
     that boundary (or ends every text with a special token), the target is tokenized after a
-    one-letter word instead.
+    one-letter word instead (on its own with ``separator=""``: after a chat template's
+    generation prompt, which ends in special tokens or a newline).
     """
-    whole = tokenizer(text + " " + target, add_special_tokens=add_special_tokens).input_ids
+    whole = tokenizer(text + separator + target, add_special_tokens=add_special_tokens).input_ids
     if len(whole) > len(input_ids) and whole[:len(input_ids)] == input_ids:
         ids = whole[len(input_ids):]
+    elif not separator:
+        ids = tokenizer(target, add_special_tokens=False).input_ids
     else:
         anchor = tokenizer("a", add_special_tokens=False).input_ids
-        ids = tokenizer("a " + target, add_special_tokens=False).input_ids
+        ids = tokenizer("a" + separator + target, add_special_tokens=False).input_ids
         ids = ids[len(anchor):] if ids[:len(anchor)] == anchor else tokenizer(
-            " " + target, add_special_tokens=False).input_ids
+            separator + target, add_special_tokens=False).input_ids
     return ids + [tokenizer.eos_token_id]
 
 
@@ -118,7 +150,7 @@ def encode_for_generation(task: Task, example: Example, tokenizer, *, num_virtua
     enc = encode_example(task, example, tokenizer, num_virtual_tokens=num_virtual_tokens
                          + max_new_tokens, max_length=max_length, with_target=False)
     if enc is None:
-        return tokenizer(render_input(task, example)).input_ids
+        return input_token_ids(tokenizer, render_input(task, example), task.chat_template)
     return enc.input_ids
 
 

@@ -139,17 +139,11 @@ def _encode_shots(task: Task, examples: list[Example], tokenizer, system: System
     p = num_virtual_tokens(system.prompt)
     demos = system.demonstrations
     context = max(max_length, context or max_length)
-    wrap = None
-    if system.chat:
-        def wrap(text: str) -> str:
-            return tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 tokenize=False, add_generation_prompt=True)
-
     def encode(ex: Example, k: int, limit: int) -> Encoded | None:
         return encode_example(task, ex, tokenizer,
                               instruction=few_shot_instruction(system.instruction, demos[:k]),
                               num_virtual_tokens=p + reserve, max_length=limit,
-                              with_target=with_target, wrap=wrap)
+                              with_target=with_target, chat=system.chat)
 
     encoded, counts = [], []
     for i, ex in enumerate(examples):

@@ -12,7 +12,8 @@ import contextlib
 import importlib.util
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -139,6 +140,135 @@ def resolve_dtype(name: str | torch.dtype = "auto",
         raise SoftPromptError(f"--dtype {name!r} is not supported; use auto, "
                               f"{', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+# --- precision ----------------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "bf16", "fp32")
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bfloat16 units
+
+
+def cpu_bf16_native(flags: Iterable[str] | None = None) -> bool:
+    """Does the CPU compute bfloat16 natively (AVX512-BF16 or AMX)?
+
+    ``flags``: the CPU's feature flags as ``/proc/cpuinfo`` names them; by default torch's own
+    detection (the one its kernels dispatch on), or ``/proc/cpuinfo`` where torch has none.
+    Without native support bfloat16 is emulated and slower than float32.
+    """
+    if flags is None:
+        avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        if avx512_bf16 is not None and amx is not None:
+            return bool(avx512_bf16() or amx())
+        flags = cpuinfo_flags()
+    return any(flag in _CPU_BF16_FLAGS for flag in flags)
+
+
+def cpuinfo_flags() -> set[str]:
+    """The first CPU's feature flags in ``/proc/cpuinfo`` (empty where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Does ``device`` compute bfloat16 natively: a CPU with AVX512-BF16 or AMX, or a CUDA
+    device with bfloat16 units (Ampere or newer; not emulated)? MPS: no (float32 there)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_bf16_native()
+    return False
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the frozen model computes: the dtype its weights are loaded in, and the dtype of the
+    autocast around its forward (None: no autocast). The trained prompt and its optimizer state
+    are float32 whatever this says."""
+
+    weights: torch.dtype
+    autocast: torch.dtype | None
+
+    @property
+    def name(self) -> str:
+        """``bf16`` where the model's matmuls run in bfloat16, else ``fp32`` (or float16)."""
+        if torch.bfloat16 in (self.weights, self.autocast):
+            return "bf16"
+        return "fp16" if self.weights == torch.float16 else "fp32"
+
+    def context(self, device: torch.device | str) -> contextlib.AbstractContextManager:
+        """The autocast around the model's forward (a no-op context without one)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=self.autocast)
+
+
+def resolve_precision(precision: str = "auto", dtype: str | torch.dtype = "auto",
+                      device: torch.device | None = None, *, training: bool = False,
+                      bf16: bool = False) -> Precision:
+    """``--precision`` and ``--dtype`` -> the weights' dtype and the autocast dtype.
+
+    ``auto`` is ``bf16`` where ``device`` computes bfloat16 natively (:func:`bf16_native`),
+    else ``fp32``. With ``bf16``:
+
+    - training (``training=True``) autocasts the frozen model's forward to bfloat16 and keeps
+      the weights in ``--dtype`` (``auto``: float32; bfloat16 on CUDA, half the memory): the
+      residual stream, norms and softmax stay float32, the matmuls run in bfloat16;
+    - inference loads the weights in bfloat16 (``--dtype auto``): a decoding step reads half
+      the bytes, where autocast casts every float32 weight again at every step (decoding 1.9x
+      against 1.4x float32's speed, BENCHMARKS.md benchmark 6). Only ``--precision bf16
+      --dtype float32`` autocasts.
+
+    A ``--dtype`` given explicitly is kept: bfloat16/float16 weights compute in their dtype
+    (no autocast). ``bf16=True`` is the old ``--bf16`` flag, the same as ``precision="bf16"``.
+    Contradictions (``--precision fp32 --dtype bfloat16``) are refused in one line.
+    """
+    if precision not in PRECISIONS:
+        raise SoftPromptError(f"--precision {precision!r} is not supported; use "
+                              f"{', '.join(PRECISIONS)}")
+    if bf16:
+        if precision == "fp32":
+            raise SoftPromptError("--bf16 is --precision bf16; drop one of --bf16 and "
+                                  "--precision fp32")
+        precision = "bf16"
+    device = device or torch.device("cpu")
+    explicit = None if isinstance(dtype, str) and dtype == "auto" else resolve_dtype(dtype)
+    if explicit is not None and explicit != torch.float32:
+        if precision == "fp32" or (precision == "bf16" and explicit == torch.float16):
+            raise SoftPromptError(f"--precision {precision} and --dtype {dtype} contradict each "
+                                  f"other; drop one of them")
+        return Precision(explicit, None)
+    asked = precision
+    if precision == "auto":
+        precision = "bf16" if bf16_native(device) else "fp32"
+    if precision == "fp32":
+        return Precision(torch.float32, None)
+    if explicit == torch.float32:  # weights pinned to float32: autocast where it pays
+        return Precision(torch.float32,
+                         torch.bfloat16 if training or asked == "bf16" else None)
+    if training:
+        return Precision(resolve_dtype("auto", device), torch.bfloat16)
+    return Precision(torch.bfloat16, None)
+
+
+def engine_precision(precision: str, dtype: str | torch.dtype, device: torch.device,
+                     what: str) -> Precision:
+    """:func:`resolve_precision` for the engine (``what``: PromptPool, serve), whose forwards
+    may run on its own thread, where an autocast entered here would not reach (autocast is
+    per thread): bfloat16 there means bfloat16 weights, and float32 weights are refused."""
+    prec = resolve_precision(precision, dtype, device)
+    if prec.autocast is not None:
+        raise SoftPromptError(f"{what} computes bfloat16 with bfloat16 weights; with "
+                              f"--precision bf16 use --dtype auto or bfloat16, not float32")
+    return prec
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "float32",

@@ -31,6 +31,9 @@ class Task:
     better_instruction: str = ""  # a better hand-written prompt, also a baseline
     max_new_tokens: int = 64
     field_map: dict[str, str] = field(default_factory=dict)  # template name -> record path
+    # Wrap each rendered input as the user's message in the tokenizer's chat template, with
+    # the assistant turn's generation prompt after it (--chat-template; encode.py does it).
+    chat_template: bool = False
     # Decoding controls this task generates with unless told otherwise (GenerationConfig
     # fields among DECODING_DEFAULTS, e.g. {"repetition_penalty": 1.2}); see _preset for how
     # the presets' were chosen.
@@ -334,7 +337,10 @@ def parse_input(text: str) -> str | dict:
 
 def render_input(task: Task, example: Example, instruction: str = "",
                  fields: dict[str, str] | None = None) -> str:
-    """The input text: ``instruction + "\\n"`` (hard prompts only) and the filled template."""
+    """The input text: ``instruction + "\\n"`` (hard prompts only) and the filled template.
+
+    This is the text a chat-template task puts in the user's message (encode.chat_text).
+    """
     text = task.template.format(**(fields or example.fields))
     return f"{instruction}\n{text}" if instruction else text
 

@@ -554,7 +554,10 @@ def prompt_meta(run: Run, state: TrainState) -> PromptMeta:
                       init=(pcfg.prefix_init if prefix else pcfg.init).value,
                       train_args={**_plain(asdict(run.config)), **_plain(asdict(pcfg)),
                                   "world_size": run.world},
-                      metrics=final_metrics(run, state.best, state.log),
+                      metrics={**final_metrics(run, state.best, state.log),
+                               "trainable_parameters": sum(
+                                   p.numel() for p in state.prompt.parameters()
+                                   if p.requires_grad)},
                       method=pcfg.method.value, num_layers=layers,
                       num_key_value_heads=kv_heads, head_dim=head_dim)
 

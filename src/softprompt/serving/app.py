@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from softprompt.encode import chat_text
 from softprompt.engine import Completion, Engine, Handle, SamplingParams
 from softprompt.errors import SoftPromptError
 from softprompt.prefix import num_virtual_tokens
@@ -174,6 +175,13 @@ class Server:
                                 f"the prompts", code="model_not_found")
         if templated and served is None:
             ids = self.engine.encode(value, special_tokens=False)
+        elif served is not None and served.task.chat_template:  # as the prompt was trained
+            text = self._input_text(served, value)
+            try:
+                text = chat_text(self.engine.tokenizer, text)
+            except SoftPromptError as exc:
+                raise ApiError(400, str(exc)) from None
+            ids = self.engine.encode(text, special_tokens=False)
         else:
             ids = self.engine.encode(self._input_text(served, value))
         if not ids:
@@ -386,7 +394,7 @@ def create_app(server: Server) -> FastAPI:
 def serve(prompts_dir: str | Path, *, model: str | None = None, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None, max_batch_size: int = 32,
           max_new_tokens_limit: int = 512, prefix_cache_mb: int = 512,
-          device: str = "auto", dtype: str = "auto",
+          device: str = "auto", dtype: str = "auto", precision: str = "auto",
           loaded: tuple[Any, Any] | None = None) -> None:
     """Load the model (``device``/``dtype`` as for every command) and every prompt under
     ``prompts_dir``, then serve until interrupted."""
@@ -406,7 +414,9 @@ def serve(prompts_dir: str | Path, *, model: str | None = None, host: str = "127
         raise SoftPromptError(f"--port must be in 0..65535, got {port}")
     name = model or models.DEFAULT_MODEL
     config = ServerConfig(root, name, api_key, max_new_tokens_limit)
-    lm, tokenizer = loaded or models.load_model(name, dtype=dtype, device=device)
+    torch_device = models.resolve_device(device)
+    prec = models.engine_precision(precision, dtype, torch_device, "serve")
+    lm, tokenizer = loaded or models.load_model(name, dtype=prec.weights, device=torch_device)
     engine = Engine(lm, tokenizer, max_batch_size=max_batch_size,
                     prefix_cache_bytes=prefix_cache_mb << 20)
     server = Server(engine, config)
