@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,9 @@ def test_playground_streams_two_prompts_side_by_side_and_shows_errors(tiny, tmp_
     server = Server(Engine(model, tok), ServerConfig(tmp_path / "prompts", BASE,
                                                      max_new_tokens_limit=64))
     server.load_all()
+    # A tiny model decodes 24 tokens in milliseconds, and on a loaded machine the browser may
+    # then read the whole stream in one go; 20 ms per decoding step keeps the pieces apart.
+    server.engine.on_step = lambda _: time.sleep(0.02)
     with running(server) as url:
         page = browser.new_page(viewport={"width": 1200, "height": 800})
         page.set_default_timeout(20_000)
