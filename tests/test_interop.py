@@ -172,6 +172,31 @@ def test_exported_prompt_gives_our_logits_in_peft(tiny_dirs, tmp_path, method):
     assert load_prompt_tensor(out)[1].method == method  # our softprompt.json rides along
 
 
+@pytest.mark.parametrize("options", [{"method": "prompt"}, {"method": "ptuning"},
+                                     {"method": "residual"}, {"method": "prefix"},
+                                     {"method": "prefix", "prefix_projection": True}],
+                         ids=["prompt", "ptuning", "residual", "prefix", "prefix-projection"])
+def test_every_trained_method_exports_with_peft_parity(tiny_dirs, tmp_path, samples, options):
+    """Trained here by each method (two steps), saved, exported: PEFT gives our logits, and
+    importing the export gives back the saved tensor."""
+    model, tok = load_model(str(tiny_dirs["gpt2"]))
+    out = tmp_path / "ours"
+    result = api.train("translation", samples / "translation" / "train.jsonl", out,
+                       model=str(tiny_dirs["gpt2"]), loaded=(model, tok), epochs=1,
+                       batch_size=4, max_train_examples=8, num_virtual_tokens=P,
+                       precision="fp32", progress=False, **options)
+    saved, meta = load_prompt_tensor(out)
+    assert meta.method == options["method"] and meta.metrics["steps"] == 2
+    peft_dir = interop.export_peft(out, tmp_path / "peft")
+    pm = _peft_load(tiny_dirs["gpt2"], peft_dir)
+    assert_target_logits_close(ours(model, tok, saved), peft_logits(pm, tok), tok)
+    interop.import_peft(peft_dir, tmp_path / "back")
+    back, back_meta = load_prompt_tensor(tmp_path / "back")
+    assert back_meta.method == meta.method
+    a, b = ((x.kv if isinstance(x, KVPrefix) else x) for x in (back, result.prompt))
+    assert torch.equal(a, b)
+
+
 def test_exported_prefix_gives_our_logits_in_peft(tiny, tmp_path):
     # Llama: grouped-query attention (2 key/value heads for 4 query heads) and a BOS that
     # follows the prefix in both layouts.
