@@ -302,7 +302,8 @@ def _systems(r: dict) -> tuple[dict[str, dict], dict[str, dict]]:
     systems, spread = {}, {}
     for method, m in r["methods"].items():
         systems[_soft_name(method)] = m["systems"][SOFT]
-        spread[_soft_name(method)] = m["spread"].get(SOFT, {})
+        # One seed has no spread to show.
+        spread[_soft_name(method)] = m["spread"].get(SOFT, {}) if len(m["seeds"]) > 1 else {}
     first = next(iter(r["methods"].values()))
     systems.update({k: v for k, v in first["systems"].items() if k != SOFT})
     return systems, spread
@@ -322,6 +323,13 @@ def _best_margin(m: dict) -> dict | None:
     return next((i for i in m["intervals"] if i["best"]), None)
 
 
+def _seeds_sentence(seeds: list[int]) -> str:
+    if len(seeds) == 1:
+        return f"one training seed ({seeds[0]}) per method, so no spread is shown."
+    return (f"{len(seeds)} training seeds ({', '.join(map(str, seeds))}) per method, shown as "
+            "mean ± sample std.")
+
+
 def _default_lrs() -> str:
     return ", ".join(f"{m} {lr}" for m, lr in DEFAULT_LR.items() if m != "prompt")
 
@@ -337,9 +345,10 @@ def _summary(results: list[dict]) -> list[str]:
             if b is None:
                 continue
             soft, std = m["systems"][SOFT][p], m["spread"].get(SOFT, {}).get(p, 0.0)
+            shown = f"{soft:.2f} ± {std:.2f}" if len(m["seeds"]) > 1 else f"{soft:.2f}"
             hard = m["systems"][b["system"]][p]
             lines.append(f"| {r['task']} | {PRIMARY_NAMES.get(p, p)} | {method} | "
-                         f"{soft:.2f} ± {std:.2f} | {hard:.2f} ({b['system']}) | "
+                         f"{shown} | {hard:.2f} ({b['system']}) | "
                          f"{b['estimate']:+.2f} [{b['low']:+.2f}, {b['high']:+.2f}] | "
                          f"{'yes' if b['significant'] else 'no'} | "
                          f"{_or_dash(m.get('train_seconds'), '.0f')} | "
@@ -440,10 +449,9 @@ def write_results_md(out: Path, path: Path = ROOT / "RESULTS.md",
     plan = run["plan"]
     md = ["# Results on real data", "",
           f"Soft prompts vs hand-written prompts with {run['model']}, on the test splits of "
-          f"`{DATA.parent.name}/{DATA.name}`. Every system goes through the same template, "
+          f"`../{DATA.parent.name}/{DATA.name}`. Every system goes through the same template, "
           "truncation, greedy decoding and metrics; only what stands in front of the input "
-          f"differs. Soft prompts: {len(plan['seeds'])} training seeds "
-          f"({', '.join(map(str, plan['seeds']))}) per method, shown as mean ± sample std. Hard "
+          f"differs. Soft prompts: {_seeds_sentence(plan['seeds'])} Hard "
           f"prompts: zero-shot and {', '.join(str(k) for k in plan['shots'] if k)}-shot "
           "(demonstrations drawn once from the training split, seed 0, as many as fit the "
           "model's context beside the whole input). Margins: soft prompt (mean over seeds) "
