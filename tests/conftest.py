@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,23 @@ def tiny(request, tiny_dirs):
 @pytest.fixture
 def samples() -> Path:
     return SAMPLES
+
+
+# A real headless Chromium (Debian's package; `make setup` installs it) driven by Playwright:
+# the playground page and the HTML report are checked in it.
+CHROMIUM = os.environ.get("SOFTPROMPT_CHROMIUM") or shutil.which("chromium") or \
+    shutil.which("chromium-browser")
+@pytest.fixture
+def browser():
+    if CHROMIUM is None:
+        pytest.fail("no chromium found: run `make setup` (apt-get install -y chromium) or set "
+                    "SOFTPROMPT_CHROMIUM to a Chromium binary")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chrome = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield chrome
+        finally:
+            chrome.close()

@@ -5,7 +5,6 @@ Chromium (Debian's package driven by Playwright, as tests/test_playground.py doe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 from pathlib import Path
@@ -22,8 +21,6 @@ from softprompt.stats import paired_bootstrap, rows_score
 from softprompt.tasks import get_task, make_examples, render_input
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts"
-CHROMIUM = os.environ.get("SOFTPROMPT_CHROMIUM") or shutil.which("chromium") or \
-    shutil.which("chromium-browser")
 PNG = b"\x89PNG\r\n\x1a\n"
 HARD = ["hard: study", "hard: ours", "no instruction", "hard: ours, 2-shot"]
 
@@ -132,21 +129,6 @@ def test_comparison_json_and_report_md_carry_settings_seeds_and_margins(study):
     assert "### Margins on f1" in report and "Best value per metric in bold." in report
     assert "2-shot: " in report and "demonstrations per example" in report
 
-
-@pytest.fixture
-def browser():
-    if CHROMIUM is None:
-        pytest.fail("no chromium found: run `make setup` (apt-get install -y chromium) or set "
-                    "SOFTPROMPT_CHROMIUM to a Chromium binary")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chrome = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu"])
-        try:
-            yield chrome
-        finally:
-            chrome.close()
 
 
 def test_report_html_renders_settings_highlights_samples_and_figures(study, browser):

@@ -8,36 +8,16 @@ build/test-artifacts/.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
-import pytest
 from servers import BASE, SOURCES, expected_output, make_responsive, running, write_prompts
 
 from softprompt.engine import Engine
 from softprompt.serving.app import Server, ServerConfig
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts"
-CHROMIUM = os.environ.get("SOFTPROMPT_CHROMIUM") or shutil.which("chromium") or \
-    shutil.which("chromium-browser")
 
-
-@pytest.fixture
-def browser():
-    if CHROMIUM is None:
-        pytest.fail("no chromium found: run `make setup` (apt-get install -y chromium) or set "
-                    "SOFTPROMPT_CHROMIUM to a Chromium binary")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chrome = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu"])
-        try:
-            yield chrome
-        finally:
-            chrome.close()
 
 
 def test_playground_streams_two_prompts_side_by_side_and_shows_errors(tiny, tmp_path,

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from softprompt import atomic
 from softprompt.errors import SoftPromptError
+from softprompt.prompt import read_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -192,13 +193,7 @@ def _read_weights(directory: Path, config: dict[str, Any]) -> torch.Tensor:
                 f"PEFT's save_pretrained(..., safe_serialization=True)" if pickled.exists()
                 else "the adapter is incomplete")
         raise SoftPromptError(f"{path} not found; {hint}")
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types
-        raise SoftPromptError(f"{path} is not a valid safetensors file ({exc})") from None
-    if PEFT_KEY not in tensors:
-        raise SoftPromptError(f"{path} holds no {PEFT_KEY!r} tensor (keys: {sorted(tensors)})")
-    weight = tensors[PEFT_KEY].to(torch.float32)
+    weight = read_tensor(path, PEFT_KEY)
     p, dim = config["num_virtual_tokens"], config["token_dim"]
     width = dim if config["peft_type"] != PREFIX_TYPE else config["num_layers"] * 2 * dim
     if list(weight.shape) != [p, width]:

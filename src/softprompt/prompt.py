@@ -200,18 +200,23 @@ def load_prompt_tensor(directory: str | Path) -> tuple[PromptLike, PromptMeta]:
     if not path.is_file():
         raise SoftPromptError(f"{path} not found beside {CONFIG_FILE} (method "
                               f"{meta.method!r})")
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types
-        raise SoftPromptError(f"{path} is not a valid safetensors file ({exc})") from None
-    if key not in tensors:
-        raise SoftPromptError(f"{path} holds no {key!r} tensor")
-    tensor = tensors[key].to(torch.float32)
+    tensor = read_tensor(path, key)
     expected = meta.tensor_shape()
     if list(tensor.shape) != expected:
         raise SoftPromptError(f"{path}: tensor shape {list(tensor.shape)} != {expected} in "
                               f"{CONFIG_FILE}")
     return (KVPrefix(tensor) if meta.is_prefix else tensor), meta
+
+
+def read_tensor(path: Path, key: str) -> torch.Tensor:
+    """The float32 tensor ``key`` of the safetensors file ``path``, or a one-line error."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise SoftPromptError(f"{path} is not a valid safetensors file ({exc})") from None
+    if key not in tensors:
+        raise SoftPromptError(f"{path} holds no {key!r} tensor (keys: {sorted(tensors)})")
+    return tensors[key].to(torch.float32)
 
 
 def check_hidden_size(tensor: torch.Tensor, hidden_size: int, source: str | None = None) -> None:
