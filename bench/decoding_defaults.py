@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 DATA_DIR = Path(os.environ.get("SOFTPROMPT_DATA", ROOT.parent / "shared" / "data"))
 LIMITS = {"summarization": 30, "qa": 30, "translation": 30}
 SETTINGS = [
@@ -94,7 +95,12 @@ def main() -> None:
                          "chosen": chosen}
         print(f"{name}: chosen {chosen or 'no controls'}", flush=True)
     results["seconds"] = round(time.perf_counter() - start, 1)
+    import common
+    from report import git_commit
+
     results["command"] = "python " + " ".join(sys.argv)
+    results.update(commit=git_commit(), machine=common.machine(),
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
     print(f"total {results['seconds']} s; written to {args.output}")

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 from common import say  # noqa: E402
+from report import git_commit  # noqa: E402
 
 TASKS = ("summarization", "qa", "translation")
 PRECISIONS = {"fp32": False, "bf16": True}  # name -> TrainConfig.bf16 (autocast)
@@ -162,7 +163,9 @@ def main() -> None:
     say(f"machine: {info['cpu']}, {info['cpu_count']} cores, torch {info['torch']}, "
         f"native bfloat16: {info['bf16_native_cpu']}, load {info['load_average_at_start']}")
     model, tokenizer = load_model(args.model, dtype=torch.float32)
-    results: dict = {"machine": info, "args": vars(args)}
+    results: dict = {"machine": info, "args": vars(args), "commit": git_commit(),
+                     "command": "python " + " ".join(sys.argv),
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with tempfile.TemporaryDirectory() as tmp:
         if "speed" not in args.skip:
             say(f"1. training epoch, QA, {args.limit} examples, batch {args.batch_size}")

@@ -103,7 +103,9 @@ def validate_template(template: str) -> None:
 # hand-written prompt ("hard: ours") on the first N examples of
 # ../shared/data/TASK/validation.jsonl, once without controls and once per setting; a setting
 # is kept only if it beats no controls by at least 1 point of the primary metric. Runs of
-# 2026-11-30 (2 shared CPU cores), each figure below with its command:
+# 2026-11-30 14:38-15:01 UTC (2 shared CPU cores) on the decoding branch's code between
+# commits f6dd814 and a93915b (the script did not yet record its commit; it does now), each
+# figure below with its command:
 #   screen, N=8:  python bench/decoding_defaults.py --tasks qa,summarization --limit 8
 #                 --settings '[{"repetition_penalty": 1.2}, {"no_repeat_ngram_size": 3},
 #                 {"repetition_penalty": 1.2, "no_repeat_ngram_size": 3},
