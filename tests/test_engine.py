@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from softprompt.config import GenerationConfig
-from softprompt.engine import Engine, PrefixCache, SamplingParams, prompt_key
+from softprompt.engine import Engine, PrefixCache, SamplingParams
 from softprompt.errors import SoftPromptError
 from softprompt.generation import generate
 from softprompt.inputs import build_prompt_cache, tokens_kv
+from softprompt.prefix import content_key
 
 TEXTS = ["A dog runs on the beach.", "Two children play football in a park near the river.",
          "Rain.", "A man in a red shirt reads a newspaper on a bench.", "Cats sleep.",
@@ -145,11 +146,11 @@ def test_prefix_cache_evicts_least_recently_used_within_its_budget(tiny):
 
 def test_prefix_cache_keys_are_content_hashes():
     a = torch.ones(2, 4)
-    assert prompt_key(a) == prompt_key(a.clone())
-    assert prompt_key(a) != prompt_key(torch.ones(4, 2))
+    assert content_key(a) == content_key(a.clone())
+    assert content_key(a) != content_key(torch.ones(4, 2))
     b = a.clone()
     b[1, 3] = 1.0001
-    assert prompt_key(a) != prompt_key(b)
+    assert content_key(a) != content_key(b)
     cache = PrefixCache(0)
     assert cache.get("k", lambda: None) is None and cache.misses == 1
 

@@ -63,10 +63,8 @@ from softprompt.prefix import (
     num_virtual_tokens,
 )
 
-__all__ = ["Engine", "Handle", "Completion", "PrefixCache", "prompt_key", "SamplingParams"]
+__all__ = ["Engine", "Handle", "Completion", "PrefixCache", "SamplingParams"]
 
-
-prompt_key = content_key  # the prefix cache's key: sha256 of the prompt's kind, shape, bytes
 
 
 def _prefix_bytes(prefix: PromptCache) -> int:
@@ -297,7 +295,7 @@ class Engine:
         check_fits(tensor, self.model, f"prompt {name!r}")
         if not torch.isfinite(values).all():
             raise SoftPromptError(f"prompt {name!r} holds non-finite values")
-        key = prompt_key(tensor)
+        key = content_key(tensor)  # the prefix cache's key
         with self._lock:
             stored = (tensor.detach() if isinstance(tensor, KVPrefix)
                       else tensor.detach().float().cpu())
