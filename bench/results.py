@@ -335,7 +335,9 @@ def _default_lrs() -> str:
 
 
 def _summary(results: list[dict]) -> list[str]:
-    lines = ["| task | metric | method | soft prompt (mean ± std) | best hard prompt | "
+    several = any(len(m["seeds"]) > 1 for r in results for m in r["methods"].values())
+    soft_header = "soft prompt (mean ± std)" if several else "soft prompt"
+    lines = [f"| task | metric | method | {soft_header} | best hard prompt | "
              "margin, 95% CI | significant | train s / seed | trained parameters |",
              "|---" * 9 + "|"]
     for r in results:

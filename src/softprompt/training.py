@@ -57,21 +57,21 @@ from softprompt.faults import crash_point
 from softprompt.inputs import rows_loss
 from softprompt.methods import PromptMethod
 from softprompt.models import decoder_layers, freeze
-from softprompt.prefix import KVPrefix, kv_shape
+from softprompt.prefix import KVPrefix, PromptLike, kv_shape
 from softprompt.prompt import CONFIG_FILE, PROMPT_FILE, PromptMeta, prompt_exists, save_prompt
 from softprompt.tasks import Task
 
 LOG_FILE = "log.jsonl"
 
 Rows = list[tuple[list[int], list[int]]]  # encoded (ids, labels) rows
-EpochCallback = Callable[[int, Any], dict[str, Any]]  # (epoch, exported PromptLike)
+EpochCallback = Callable[[int, PromptLike], dict[str, Any]]  # (epoch, exported prompt)
 
 
 @dataclass
 class TrainResult:
     """What :func:`train` returns; the same is on disk in ``output_dir``."""
 
-    prompt: Any  # PromptLike: [P, H] or a KVPrefix; the best (or last) prompt
+    prompt: PromptLike  # [P, H] or a KVPrefix: the best (or last) prompt
     meta: PromptMeta
     log: list[dict[str, Any]] = field(default_factory=list)
     output_dir: Path | None = None
