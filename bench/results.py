@@ -14,7 +14,7 @@ training and evaluation is estimated from per-example timings recorded on that m
 says what was cut.
 
     python bench/results.py --plan                 # the plan and its time estimate only
-    python bench/results.py                        # every task, method prompt, 3 seeds
+    python bench/results.py                        # every task, methods prompt and prefix, 3 seeds
     python bench/results.py --methods prompt,ptuning,residual,prefix
     python bench/results.py --reuse                # continue an interrupted run
     python bench/results.py --report-only          # rewrite RESULTS.md from --out
@@ -56,11 +56,16 @@ from softprompt.tasks import get_task  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SOFTPROMPT_DATA", ROOT.parent / "shared" / "data"))
 BATCH_SIZE = 8
-VAL_LIMIT = 24  # validation examples generated per epoch for the task metric
+# Validation examples generated per epoch for the task metric: a plotted curve only (the best
+# epoch is chosen on validation loss), so few; their generation is the cost of an epoch.
+VAL_LIMIT = 8
 VAL_LOSS_LIMIT = 100  # validation examples for the validation loss
 TEST_EXAMPLES = 100  # of each test split's 200: the hard prompts' evaluations are a fixed cost
 SEEDS = (0, 1, 2)
 SHOTS = (0, 3)
+# The input-level prompt (the study's method) and prefix tuning (the best method of the 1-seed
+# comparison of all four at commit e3fb5b2): with 3 seeds, four methods leave ~100 examples.
+METHODS = ("prompt", "prefix")
 CURVE_TASK = "translation"  # the cheapest task per training example
 CURVE_SIZES = (50, 200)  # plus the task's own training size
 MIN_TRAIN = 100  # the training sets are not cut below this
@@ -78,20 +83,20 @@ SETTINGS = {
                     "train_examples": 1000},
 }
 
-# Seconds on the 2-core Xeon of RESULTS.md's 2026-11-29 run (P = 20, batch 8, the max
-# lengths above): training per example and epoch (1035 s for 800 DialogSum examples, 719 s
-# for 800 SQuAD, 902 s for 2 x 1000 Multi30k) and generation per test example for the
-# slowest system (1 / examples_per_s: 0.87, 1.60, 2.05).
+# Seconds on the 2-core Xeon of the 2026-11-30 run at commit e3fb5b2 (bf16, P = 20, batch 8,
+# the max lengths above, 160 training examples, validation included): training per example
+# and epoch (train_seconds / example-epochs: 46 s / 320 Multi30k, 50 s / 160 SQuAD, 67 s / 160
+# DialogSum) and generation per test example for the slowest zero-shot system (1 /
+# examples_per_s: 1.38, 2.79, 1.24).
 TIMINGS = {
-    "summarization": {"train": 1035 / 800, "generate": 1 / 0.87},
-    "qa": {"train": 719 / 800, "generate": 1 / 1.60},
-    "translation": {"train": 902 / 2000, "generate": 1 / 2.05},
+    "summarization": {"train": 67 / 160, "generate": 1 / 1.24},
+    "qa": {"train": 50 / 160, "generate": 1 / 2.79},
+    "translation": {"train": 46 / 320, "generate": 1 / 1.38},
 }
 EVAL_OVERHEAD = 1.25  # the teacher-forced loss pass and the metrics beside generation (guess)
-# A 3-shot input is about four inputs long: a guess for DialogSum's long inputs, where the
-# prefill counts; on 4 Multi30k examples with SmolLM2 (2026-11-30, a loaded machine) a 3-shot
-# evaluation took 1.04x (1.07x in the chat template) the zero-shot one.
-FEW_SHOT_COST = 3.0
+# A 3-shot evaluation against the slowest zero-shot one, in the same run: 1.81x on DialogSum
+# (141 s / 78 s), 1.74x on SQuAD (62 s / 36 s), 0.87x on Multi30k (63 s / 72 s).
+FEW_SHOT_COST = 1.8
 VALIDATION_COST = 1 / 3  # a validation forward against a training step (no backward)
 ZERO_SHOT_SYSTEMS = 4  # study, ours, ours in the chat template, no instruction
 CHAT_VARIANTS = 2  # each K-shot prompt also in the chat template (SmolLM2 has one)
@@ -171,6 +176,10 @@ def make_plan(args) -> Plan:
         plan.cuts.append("training sets: " + ", ".join(f"{t} {n} of the {w} wanted"
                                                        for t, (w, n) in cut.items())
                          + f" examples, to fit the {args.budget_hours:g}-hour budget")
+    left_out = [m for m in ALL_METHODS if m not in plan.methods]
+    if left_out:
+        plan.cuts.append("methods: " + ", ".join(left_out) + " not run (--methods "
+                         + ",".join(plan.methods) + ")")
     if plan.curve_task:
         plan.cuts.append(f"learning curve: {plan.curve_task} only, method "
                          f"{plan.methods[0]} only")
@@ -225,6 +234,13 @@ def _configs(task: str, plan: Plan, method: str, n: int) -> tuple[PromptConfig, 
                         max_length=s["max_length"], max_train_examples=n,
                         max_eval_examples=plan.val_loss_limit, patience=1, **train_opts))
 
+
+try:
+    from softprompt.methods import METHODS as _REGISTRY
+
+    ALL_METHODS = tuple(_REGISTRY)
+except ImportError:  # a tree without the methods of issue #11
+    ALL_METHODS = ("prompt",)
 
 HARD_PREFIXES = ("hard_", "no_instruction")
 
@@ -507,7 +523,7 @@ def _command(args) -> str:
     go, or skip finished work, left out)."""
     parts = ["python bench/results.py"]
     for flag, value, default in (("--tasks", args.tasks, ",".join(TASKS)),
-                                 ("--methods", args.methods, "prompt"),
+                                 ("--methods", args.methods, ",".join(METHODS)),
                                  ("--seeds", args.seeds, ",".join(map(str, SEEDS))),
                                  ("--shots", args.shots, ",".join(map(str, SHOTS))),
                                  ("--limit", args.limit, TEST_EXAMPLES),
@@ -532,9 +548,9 @@ def _now() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--methods", default="prompt",
+    ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated training methods (prompt, ptuning, residual, prefix "
-                         "where the tree has them; default: prompt)")
+                         f"where the tree has them; default: {','.join(METHODS)})")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="training seeds")
     ap.add_argument("--shots", default=",".join(map(str, SHOTS)),
                     help="K of the hard baselines (0: zero-shot)")

@@ -21,11 +21,16 @@ def results():
     return results
 
 
-def test_the_default_plan_fits_three_hours_by_cutting_training_sets(results):
-    plan = results.make_plan(results.parse_args([]))
-    assert plan.tasks == ["summarization", "qa", "translation"] and plan.methods == ["prompt"]
-    assert plan.seeds == [0, 1, 2] and plan.shots == [0, 3] and plan.test_examples == 100
-    assert 0.8 * 3 * 3600 < plan.estimate_seconds <= 3 * 3600
+def test_the_default_plan_fits_three_hours_and_a_smaller_budget_cuts_training_sets(results):
+    full = results.make_plan(results.parse_args([]))
+    assert full.tasks == ["summarization", "qa", "translation"]
+    assert full.methods == ["prompt", "prefix"]
+    assert full.seeds == [0, 1, 2] and full.shots == [0, 3] and full.test_examples == 100
+    assert 0.8 * 3 * 3600 < full.estimate_seconds <= 3 * 3600
+    assert any(c == "methods: ptuning, residual not run (--methods prompt,prefix)"
+               for c in full.cuts)
+    plan = results.make_plan(results.parse_args(["--budget-hours", "2"]))
+    assert plan.estimate_seconds <= 2 * 3600
     assert all(100 <= n < results.SETTINGS[t]["train_examples"]
                for t, n in plan.train_examples.items())
     assert plan.curve_task == "translation"
@@ -74,7 +79,8 @@ def test_a_tiny_run_writes_results_md_with_seeds_shots_margins_and_curve(results
     results.main(argv)
     text = md.read_text()
     run = json.loads((out / "run.json").read_text())
-    assert run["command"].startswith("python bench/results.py --methods prompt,prefix "
+    # --methods prompt,prefix is the default, so the command leaves it out.
+    assert run["command"].startswith("python bench/results.py "
                                      "--seeds 0,1 --shots 0,1 "
                                      "--limit 3 --train-limit 8 --epochs 1")
     for item in (run["command"], run["commit"], run["machine"], run["date"], "Total time"):
