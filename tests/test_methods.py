@@ -195,6 +195,31 @@ def test_saved_prompt_gives_the_loss_the_training_saw(tiny, records, tmp_path, v
     assert loss.item() / count == pytest.approx(meta.metrics["val_loss"], abs=2e-6)
 
 
+
+@pytest.mark.parametrize("variant", ["ptuning", "ptuning-lstm", "residual", "prefix",
+                                     "prefix-projection"])
+def test_training_inside_an_enclosing_autocast_moves_every_weight(tiny, records, tmp_path,
+                                                                 variant):
+    """compare() trains inside its bf16 precision context. Autocast keeps its bfloat16 copies
+    of trainable weights until the outermost region ends, so without clearing them after each
+    step an encoder's Linear layers were read as they stood at the first step (p-tuning did
+    not learn at all in RESULTS.md's e3fb5b2 run). Inside and outside must log the same run."""
+    model, tok, _ = tiny
+    _responsive(model)
+    data = _yes(records[:8])
+
+    def run(name: str, enclosing: bool) -> list[dict]:
+        cfg = _cfg(epochs=3, batch_size=4, lr=VARIANTS[variant][1], bf16=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enclosing):
+            result = train(model, tok, YES, data, tmp_path / name, prompt_config=_pcfg(variant),
+                           train_config=cfg, progress=False)
+        return _timeless(result.log)
+
+    inside, outside = run("inside", True), run("outside", False)
+    assert inside == outside
+    losses = [e["loss"] for e in outside if e["event"] == "step"]
+    assert len(set(losses)) == len(losses)  # the same batches again score differently
+
 # --- resume -----------------------------------------------------------------------------------
 
 

@@ -367,6 +367,11 @@ def train_step(run: Run, state: TrainState, rows: Rows) -> dict[str, Any]:
         group["lr"] = lr
     crash_point("step")
     state.optimizer.step()
+    # Autocast keeps its bfloat16 copies of the trainable weights (an encoder's Linear layers)
+    # until the outermost autocast region ends; under an enclosing one (compare() evaluates
+    # and trains inside its precision context) the next forward would read the weights from
+    # before this step, and an encoder would never move. Drop them now that they are stale.
+    torch.clear_autocast_cache()
     state.global_step += 1
     state.step_in_epoch += 1
     state.epoch_stats.loss_sum += loss_sum

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from softprompt.config import Method, PromptConfig, PromptInit
 from softprompt.errors import SoftPromptError
 from softprompt.methods.base import PromptMethod, detached
@@ -51,10 +53,13 @@ def build(config: PromptConfig, model, init_ids: list[int] | None, seed: int,
     that starts from that directory's trained prompt (``model_name``: this run's ``--model``,
     which the directory's must equal)."""
     cls = METHODS[config.method]
-    if config.init_from:
-        artefact = load_init_from(config, model, model_name)
-        return cls.from_trained(config, model, artefact, seed)
-    return cls.create(config, model, init_ids, seed)
+    # The start values (a prefix's init text is one forward pass) are the same whatever
+    # autocast region the caller is in: compare() trains inside its bf16 precision context.
+    with torch.autocast(model.device.type, enabled=False):
+        if config.init_from:
+            artefact = load_init_from(config, model, model_name)
+            return cls.from_trained(config, model, artefact, seed)
+        return cls.create(config, model, init_ids, seed)
 
 
 def check_init_from(config: PromptConfig, model_name: str | None = None) -> None:
