@@ -596,6 +596,9 @@ def main(argv: list[str] | None = None) -> None:
                       {t: round(s) for t, s in per_task.items()}}, indent=1), flush=True)
     if args.plan:
         return
+    # The code that runs, taken now: the run's own figures (results/*.png) are new files by
+    # the end and would mark the tree dirty.
+    commit = git_commit()
     for method in plan.methods:
         method_options(method)  # an unknown method answers before hours of work
     for name in plan.tasks:
@@ -612,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name} {method}: {margin_sentence(best)}", flush=True)
     wall = sum(json.loads((out / t / "result.json").read_text())["wall_seconds"]
                for t in plan.tasks)
-    run = {"command": _command(args), "commit": git_commit(), "machine": machine(),
+    run = {"command": _command(args), "commit": commit, "machine": machine(),
            "date": _now(), "wall_seconds": round(wall, 1), "model": args.model,
            "plan": asdict(plan)}
     (out / "run.json").write_text(json.dumps(run, indent=1))
