@@ -217,6 +217,8 @@ def test_training_inside_an_enclosing_autocast_moves_every_weight(tiny, records,
 
     inside, outside = run("inside", True), run("outside", False)
     assert inside == outside
+    saved = [load_prompt_tensor(tmp_path / name)[0] for name in ("inside", "outside")]
+    assert _same(*saved)
     losses = [e["loss"] for e in outside if e["event"] == "step"]
     assert len(set(losses)) == len(losses)  # the same batches again score differently
 

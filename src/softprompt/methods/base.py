@@ -29,8 +29,11 @@ class PromptMethod(torch.nn.Module):
         """The prompt as saved: ``forward()`` detached, float32, on its own storage.
 
         Computed with autograd on, as in training: some kernels (the LSTM's) take another
-        path under ``no_grad`` and would differ in the last bits."""
-        with torch.enable_grad():
+        path under ``no_grad`` and would differ in the last bits. Outside autocast, so that
+        the saved prompt is the same whatever region the caller is in (compare() runs inside
+        its bf16 precision context, ``softprompt train`` does not)."""
+        device = next(self.parameters()).device.type
+        with torch.enable_grad(), torch.autocast(device, enabled=False):
             return detached(self.forward())
 
     @classmethod
