@@ -49,6 +49,7 @@ from softprompt.config import (  # noqa: E402
     TrainConfig,
     resolved_lr,
 )
+from softprompt.methods import METHODS as ALL_METHODS  # noqa: E402
 from softprompt.models import DEFAULT_MODEL  # noqa: E402
 from softprompt.report import margin_sentence  # noqa: E402
 from softprompt.tasks import get_task  # noqa: E402
@@ -84,8 +85,8 @@ SETTINGS = {
 }
 
 # Seconds on the 2-core Xeon of the 2026-11-30 run at commit e3fb5b2 (bf16, P = 20, batch 8,
-# the max lengths above, 160 training examples, validation included): training per example
-# and epoch (train_seconds / example-epochs: 46 s / 320 Multi30k, 50 s / 160 SQuAD, 67 s / 160
+# the max lengths above, 160 training examples): training steps per example and epoch,
+# validation not included (train_seconds / example-epochs: 46 s / 320 Multi30k, 50 s / 160 SQuAD, 67 s / 160
 # DialogSum) and generation per test example for the slowest zero-shot system (1 /
 # examples_per_s: 1.38, 2.79, 1.24).
 TIMINGS = {
@@ -176,7 +177,7 @@ def make_plan(args) -> Plan:
         plan.cuts.append("training sets: " + ", ".join(f"{t} {n} of the {w} wanted"
                                                        for t, (w, n) in cut.items())
                          + f" examples, to fit the {args.budget_hours:g}-hour budget")
-    left_out = [m for m in ALL_METHODS if m not in plan.methods]
+    left_out = [str(m) for m in ALL_METHODS if m not in plan.methods]
     if left_out:
         plan.cuts.append("methods: " + ", ".join(left_out) + " not run (--methods "
                          + ",".join(plan.methods) + ")")
@@ -234,13 +235,6 @@ def _configs(task: str, plan: Plan, method: str, n: int) -> tuple[PromptConfig, 
                         max_length=s["max_length"], max_train_examples=n,
                         max_eval_examples=plan.val_loss_limit, patience=1, **train_opts))
 
-
-try:
-    from softprompt.methods import METHODS as _REGISTRY
-
-    ALL_METHODS = tuple(_REGISTRY)
-except ImportError:  # a tree without the methods of issue #11
-    ALL_METHODS = ("prompt",)
 
 HARD_PREFIXES = ("hard_", "no_instruction")
 
