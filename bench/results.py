@@ -86,8 +86,8 @@ SETTINGS = {
 
 # Seconds on the 2-core Xeon of the 2026-11-30 run at commit e3fb5b2 (bf16, P = 20, batch 8,
 # the max lengths above, 160 training examples): training steps per example and epoch,
-# validation not included (train_seconds / example-epochs: 46 s / 320 Multi30k, 50 s / 160 SQuAD, 67 s / 160
-# DialogSum) and generation per test example for the slowest zero-shot system (1 /
+# validation not included (train_seconds / example-epochs: 46 s / 320 Multi30k, 50 s / 160
+# SQuAD, 67 s / 160 DialogSum) and generation per test example for the slowest zero-shot system (1 /
 # examples_per_s: 1.38, 2.79, 1.24).
 TIMINGS = {
     "summarization": {"train": 67 / 160, "generate": 1 / 1.24},
@@ -99,6 +99,10 @@ EVAL_OVERHEAD = 1.25  # the teacher-forced loss pass and the metrics beside gene
 # (141 s / 78 s), 1.74x on SQuAD (62 s / 36 s), 0.87x on Multi30k (63 s / 72 s).
 FEW_SHOT_COST = 1.8
 VALIDATION_COST = 1 / 3  # a validation forward against a training step (no backward)
+# --train-minutes sizes each training set to this share of the minutes by TIMINGS: the methods
+# train up to 1.13x slower than TIMINGS' figures (prefix on DialogSum, results/methods.md), and
+# the machine is shared.
+TRAIN_MINUTES_SHARE = 0.8
 ZERO_SHOT_SYSTEMS = 4  # study, ours, ours in the chat template, no instruction
 CHAT_VARIANTS = 2  # each K-shot prompt also in the chat template (SmolLM2 has one)
 
@@ -161,9 +165,16 @@ def make_plan(args) -> Plan:
                 args.val_limit, args.val_loss_limit,
                 {t: args.epochs or SETTINGS[t]["epochs"] for t in tasks}, args.budget_hours,
                 [int(n) for n in args.curve_sizes.split(",") if n])
+    if args.train_minutes:
+        if args.train_limit:
+            raise SystemExit("error: --train-minutes and --train-limit both size the training "
+                             "sets; give one")
+        plan.train_examples = {t: train_examples_for(t, args.train_minutes, plan)
+                               for t in tasks}
     wanted = dict(plan.train_examples)
     budget = args.budget_hours * 3600
-    while (not args.train_limit and sum(estimate(_with_curve(plan)).values()) > budget
+    while (not (args.train_limit or args.train_minutes)
+           and sum(estimate(_with_curve(plan)).values()) > budget
            and any(n > MIN_TRAIN for n in plan.train_examples.values())):
         plan.train_examples = {t: max(MIN_TRAIN, int(n * 0.9) // 10 * 10)
                                for t, n in plan.train_examples.items()}
@@ -189,6 +200,15 @@ def make_plan(args) -> Plan:
                          f"with the training sets at their floor of {MIN_TRAIN}; fewer "
                          "--methods or --seeds would fit)")
     return plan
+
+
+def train_examples_for(task: str, minutes: float, plan: Plan) -> int:
+    """The training examples whose steps and per-epoch validation loss take at most
+    ``TRAIN_MINUTES_SHARE`` of ``minutes`` by TIMINGS (a multiple of 10)."""
+    t, epochs = TIMINGS[task]["train"], plan.epochs[task]
+    seconds = (minutes * 60 * TRAIN_MINUTES_SHARE / epochs
+               - plan.val_loss_limit * t * VALIDATION_COST)
+    return max(MIN_TRAIN, int(seconds / t) // 10 * 10)
 
 
 def _with_curve(plan: Plan) -> Plan:
@@ -522,6 +542,7 @@ def _command(args) -> str:
                                  ("--shots", args.shots, ",".join(map(str, SHOTS))),
                                  ("--limit", args.limit, TEST_EXAMPLES),
                                  ("--train-limit", args.train_limit, None),
+                                 ("--train-minutes", args.train_minutes, None),
                                  ("--epochs", args.epochs, None),
                                  ("--curve-task", args.curve_task, CURVE_TASK),
                                  ("--curve-sizes", args.curve_sizes,
@@ -551,6 +572,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=TEST_EXAMPLES, help="test examples per task")
     ap.add_argument("--train-limit", type=int, default=None,
                     help="training examples per task (default: cut to fit --budget-hours)")
+    ap.add_argument("--train-minutes", type=float, default=None,
+                    help="size each task's training set to this many minutes of training on "
+                         "the machine of TIMINGS (instead of cutting to fit --budget-hours)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="training epochs per task (default: SETTINGS' epochs)")
     ap.add_argument("--curve-task", default=CURVE_TASK, help="the task with a learning curve "

@@ -45,6 +45,21 @@ def test_the_default_plan_fits_three_hours_and_a_smaller_budget_cuts_training_se
     assert not any(c.startswith("training sets") for c in fixed.cuts)
 
 
+def test_train_minutes_sizes_each_training_set_to_its_share_of_the_minutes(results):
+    plan = results.make_plan(results.parse_args(["--methods", "prefix", "--seeds", "0",
+                                                 "--train-minutes", "20"]))
+    for task, n in plan.train_examples.items():
+        t = results.TIMINGS[task]["train"]
+        seconds = plan.epochs[task] * (n * t + plan.val_loss_limit * t * results.VALIDATION_COST)
+        share = 20 * 60 * results.TRAIN_MINUTES_SHARE
+        assert share - plan.epochs[task] * 10 * t <= seconds <= share, task
+    # Not cut to the budget: sized to the minutes, more than the budget's defaults.
+    assert all(n > results.SETTINGS[t]["train_examples"] for t, n in plan.train_examples.items())
+    assert "--train-minutes 20" in results._command(results.parse_args(["--train-minutes", "20"]))
+    with pytest.raises(SystemExit, match="give one"):
+        results.make_plan(results.parse_args(["--train-minutes", "20", "--train-limit", "300"]))
+
+
 def test_a_method_missing_from_the_tree_is_refused_before_any_work(results):
     from dataclasses import fields
 
