@@ -169,8 +169,9 @@ def make_plan(args) -> Plan:
         if args.train_limit:
             raise SystemExit("error: --train-minutes and --train-limit both size the training "
                              "sets; give one")
-        plan.train_examples = {t: train_examples_for(t, args.train_minutes, plan)
-                               for t in tasks}
+        for t in tasks:
+            plan.train_examples[t], plan.epochs[t] = train_examples_for(
+                t, args.train_minutes, plan, _split_size(t), fixed_epochs=bool(args.epochs))
     wanted = dict(plan.train_examples)
     budget = args.budget_hours * 3600
     while (not (args.train_limit or args.train_minutes)
@@ -202,13 +203,29 @@ def make_plan(args) -> Plan:
     return plan
 
 
-def train_examples_for(task: str, minutes: float, plan: Plan) -> int:
-    """The training examples whose steps and per-epoch validation loss take at most
-    ``TRAIN_MINUTES_SHARE`` of ``minutes`` by TIMINGS (a multiple of 10)."""
+def train_examples_for(task: str, minutes: float, plan: Plan, available: int | None = None,
+                       fixed_epochs: bool = False) -> tuple[int, int]:
+    """(examples, epochs) whose training steps and per-epoch validation loss take at most
+    ``TRAIN_MINUTES_SHARE`` of ``minutes`` by TIMINGS: the task's epochs on as many examples
+    as fit (a multiple of 10); where the training split (``available`` examples) runs out
+    first, all of it for as many epochs as fit (unless ``fixed_epochs``)."""
     t, epochs = TIMINGS[task]["train"], plan.epochs[task]
-    seconds = (minutes * 60 * TRAIN_MINUTES_SHARE / epochs
-               - plan.val_loss_limit * t * VALIDATION_COST)
-    return max(MIN_TRAIN, int(seconds / t) // 10 * 10)
+    seconds = minutes * 60 * TRAIN_MINUTES_SHARE
+    validation = plan.val_loss_limit * t * VALIDATION_COST
+    n = max(MIN_TRAIN, int((seconds / epochs - validation) / t) // 10 * 10)
+    if available is None or n <= available:
+        return n, epochs
+    if not fixed_epochs:
+        epochs = max(epochs, int(seconds / (available * t + validation)))
+    return available, epochs
+
+
+def _split_size(task: str) -> int | None:
+    path = DATA / task / "train.jsonl"
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _with_curve(plan: Plan) -> Plan:
@@ -573,8 +590,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--train-limit", type=int, default=None,
                     help="training examples per task (default: cut to fit --budget-hours)")
     ap.add_argument("--train-minutes", type=float, default=None,
-                    help="size each task's training set to this many minutes of training on "
-                         "the machine of TIMINGS (instead of cutting to fit --budget-hours)")
+                    help="size each task's training set (and, where the split runs out first, "
+                         "its epochs) to this many minutes of training on the machine of "
+                         "TIMINGS, instead of cutting to fit --budget-hours")
     ap.add_argument("--epochs", type=int, default=None,
                     help="training epochs per task (default: SETTINGS' epochs)")
     ap.add_argument("--curve-task", default=CURVE_TASK, help="the task with a learning curve "

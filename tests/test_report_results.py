@@ -45,16 +45,31 @@ def test_the_default_plan_fits_three_hours_and_a_smaller_budget_cuts_training_se
     assert not any(c.startswith("training sets") for c in fixed.cuts)
 
 
-def test_train_minutes_sizes_each_training_set_to_its_share_of_the_minutes(results):
+def test_train_minutes_sizes_each_training_set_then_its_epochs_to_the_minutes(results):
     plan = results.make_plan(results.parse_args(["--methods", "prefix", "--seeds", "0",
                                                  "--train-minutes", "20"]))
-    for task, n in plan.train_examples.items():
+    share = 20 * 60 * results.TRAIN_MINUTES_SHARE
+
+    def seconds(task, n, epochs):
         t = results.TIMINGS[task]["train"]
-        seconds = plan.epochs[task] * (n * t + plan.val_loss_limit * t * results.VALIDATION_COST)
-        share = 20 * 60 * results.TRAIN_MINUTES_SHARE
-        assert share - plan.epochs[task] * 10 * t <= seconds <= share, task
-    # Not cut to the budget: sized to the minutes, more than the budget's defaults.
-    assert all(n > results.SETTINGS[t]["train_examples"] for t, n in plan.train_examples.items())
+        return epochs * (n * t + plan.val_loss_limit * t * results.VALIDATION_COST)
+
+    for task in plan.tasks:
+        # As many examples as fit, in the task's own epochs, when the split is large enough.
+        n, epochs = results.train_examples_for(task, 20, plan, available=10**6)
+        assert epochs == plan.epochs[task] and n > results.SETTINGS[task]["train_examples"]
+        assert share - seconds(task, 10, epochs) <= seconds(task, n, epochs) <= share, task
+        # A split that runs out first: all of it, for as many epochs as fit (at least the
+        # task's own), unless the epochs were given.
+        n, more = results.train_examples_for(task, 20, plan, available=300)
+        assert n == 300 and more >= epochs
+        assert seconds(task, 300, more) <= share < seconds(task, 300, more + 1), task
+        assert results.train_examples_for(task, 20, plan, 300, fixed_epochs=True) == (300,
+                                                                                     epochs)
+    # The plan reads the splits' sizes: ../shared/data has 2000 training examples per task,
+    # and translation (the cheapest per example) gets the epochs that fill its minutes.
+    assert plan.train_examples == {t: results._split_size(t) for t in plan.tasks}
+    assert plan.epochs["translation"] > results.SETTINGS["translation"]["epochs"]
     assert "--train-minutes 20" in results._command(results.parse_args(["--train-minutes", "20"]))
     with pytest.raises(SystemExit, match="give one"):
         results.make_plan(results.parse_args(["--train-minutes", "20", "--train-limit", "300"]))
