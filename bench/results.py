@@ -284,6 +284,8 @@ def run_task(name: str, plan: Plan, out_dir: Path, args) -> dict:
     if not args.reuse and task_dir.exists():
         shutil.rmtree(task_dir)  # a fresh run
     n = plan.train_examples[name]
+    if args.hard_from:
+        _copy_hard(Path(args.hard_from) / name, task_dir / plan.methods[0])
     validation = DATA / name / "validation.jsonl"
     methods = {}
     for i, method in enumerate(plan.methods):
@@ -301,7 +303,8 @@ def run_task(name: str, plan: Plan, out_dir: Path, args) -> dict:
             generation=GenerationConfig(max_new_tokens=task.max_new_tokens, batch_size=16),
             prompt_config=pcfg, train_config=tcfg, shots=plan.shots, seeds=plan.seeds,
             train_sizes=plan.curve_sizes if name == plan.curve_task and not i else None,
-            reuse=bool(i) or args.reuse, overwrite=True, progress=not args.quiet)[0]
+            reuse=bool(i) or args.reuse or bool(args.hard_from), overwrite=True,
+            progress=not args.quiet)[0]
         data = json.loads((method_dir / "comparison.json").read_text())
         methods[method] = {**comp.to_dict(), "settings": data["settings"],
                            "samples": {k: v[:2] for k, v in comp.predictions.items()},
@@ -324,6 +327,28 @@ def _trainable_parameters(method_dir: Path) -> int | None:
     if not metas:
         return None
     return json.loads(metas[0].read_text())["metrics"].get("trainable_parameters")
+
+
+def _copy_hard(earlier_task_dir: Path, method_dir: Path) -> None:
+    """The hard-prompt evaluations of an earlier run's task (its first method's directory)
+    into ``method_dir``, where compare(reuse=True) finds them finished."""
+    earlier = next(iter(sorted(earlier_task_dir.glob("*/systems"))), None)
+    if earlier is None:
+        raise SystemExit(f"error: --hard-from: no evaluations in {earlier_task_dir}; give "
+                         "the --out directory of a finished run")
+    for src in earlier.iterdir():
+        dest = method_dir / "systems" / src.name
+        if src.name.startswith(HARD_PREFIXES) and not dest.exists():
+            shutil.copytree(src, dest)
+
+
+def _validation_loss(method_dir: Path) -> float | None:
+    """The selected prompts' validation loss (what picks the best epoch and the best method),
+    averaged over seeds, as their softprompt.json files record it."""
+    losses = [json.loads(p.read_text())["metrics"].get("val_loss")
+              for p in sorted(method_dir.glob("prompt*/softprompt.json"))]
+    losses = [x for x in losses if x is not None]
+    return sum(losses) / len(losses) if losses else None
 
 
 def _or_dash(value, spec: str) -> str:
@@ -381,14 +406,19 @@ def _default_lrs() -> str:
     return ", ".join(f"{m} {lr}" for m, lr in DEFAULT_LR.items() if m != "prompt")
 
 
-def _summary(results: list[dict]) -> list[str]:
+def _summary(results: list[dict], out: Path) -> list[str]:
+    """One row per (task, method); the method with the lowest validation loss on a task (the
+    one chosen without looking at the test split) is marked *."""
     several = any(len(m["seeds"]) > 1 for r in results for m in r["methods"].values())
     soft_header = "soft prompt (mean ± std)" if several else "soft prompt"
-    lines = [f"| task | metric | method | {soft_header} | best hard prompt | "
+    lines = [f"| task | metric | method | val loss | {soft_header} | best hard prompt | "
              "margin, 95% CI | significant | train s / seed | trained parameters |",
-             "|---" * 9 + "|"]
+             "|---" * 10 + "|"]
     for r in results:
         p = r["primary"]
+        val = {method: _validation_loss(out / r["task"] / method) for method in r["methods"]}
+        known = {k: v for k, v in val.items() if v is not None}
+        chosen = min(known, key=known.get) if len(known) > 1 else None
         for method, m in r["methods"].items():
             b = _best_margin(m)
             if b is None:
@@ -396,13 +426,64 @@ def _summary(results: list[dict]) -> list[str]:
             soft, std = m["systems"][SOFT][p], m["spread"].get(SOFT, {}).get(p, 0.0)
             shown = f"{soft:.2f} ± {std:.2f}" if len(m["seeds"]) > 1 else f"{soft:.2f}"
             hard = m["systems"][b["system"]][p]
-            lines.append(f"| {r['task']} | {PRIMARY_NAMES.get(p, p)} | {method} | "
+            lines.append(f"| {r['task']} | {PRIMARY_NAMES.get(p, p)} | "
+                         f"{method}{' *' if method == chosen else ''} | "
+                         f"{_or_dash(val[method], '.3f')} | "
                          f"{shown} | {hard:.2f} ({b['system']}) | "
                          f"{b['estimate']:+.2f} [{b['low']:+.2f}, {b['high']:+.2f}] | "
                          f"{'yes' if b['significant'] else 'no'} | "
                          f"{_or_dash(m.get('train_seconds'), '.0f')} | "
                          f"{_or_dash(m.get('trainable_parameters'), ',')} |")
     return lines
+
+
+def _chosen_note(results: list[dict]) -> list[str]:
+    if not any(len(r["methods"]) > 1 for r in results):
+        return []
+    return ["\\* the task's method with the lowest validation loss (mean target-token "
+            "cross-entropy on the validation examples): the method chosen without the test "
+            "split.", ""]
+
+
+def _hard_systems(method_dir: Path) -> dict[str, bytes]:
+    return {d.name: (d / "predictions.jsonl").read_bytes()
+            for d in sorted((method_dir / "systems").glob("*"))
+            if d.name.startswith(HARD_PREFIXES) and (d / "predictions.jsonl").is_file()}
+
+
+def _further_run(out: Path, main_out: Path, main_run: dict) -> list[str]:
+    """A run beside the main one (``--also``): its provenance, settings and summary."""
+    run = json.loads((out / "run.json").read_text())
+    results = _load_results(out)
+    plan = run["plan"]
+    lines = [f"## Further run: {', '.join(plan['methods'])}, "
+             f"{_seeds_sentence(plan['seeds']).split(' per method')[0]}", ""]
+    lines += _provenance(run, results)
+    lines += ["Training sets: " + ", ".join(
+        f"{r['task']} {r['settings']['train_examples']} examples x "
+        f"{r['settings']['epochs']} epoch(s)" for r in results) + f"; batch {BATCH_SIZE}; "
+              f"{plan['test_examples'] or 'all'} test examples."]
+    same = []
+    for r in results:
+        mine = _hard_systems(out / r["task"] / next(iter(r["methods"])))
+        main_dir = next((main_out / r["task"]).glob("*/systems"), None)
+        theirs = _hard_systems(main_dir.parent) if main_dir else {}
+        if mine and all(theirs.get(k) == v for k, v in mine.items()):
+            same.append(r["task"])
+    if same:
+        lines += ["", f"The hard prompts' evaluations of {', '.join(same)} are the main run's "
+                  f"(commit {main_run['commit']}: identical predictions on the same test "
+                  "examples), reused rather than repeated."]
+    lines += [""] + [f"- {c}" for c in plan["cuts"]] + [""]
+    lines += _summary(results, out) + [""] + _chosen_note(results)
+    return lines
+
+
+def _load_results(out: Path) -> list[dict]:
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+    results = [r for r in results if "methods" in r]  # result files of this script's format
+    order = {t: i for i, t in enumerate(TASKS)}
+    return sorted(results, key=lambda r: order.get(r["task"], 9))
 
 
 def _findings(results: list[dict]) -> list[str]:
@@ -488,13 +569,11 @@ def _provenance(run: dict, results: list[dict]) -> list[str]:
 
 
 def write_results_md(out: Path, path: Path = ROOT / "RESULTS.md",
-                     sweep_dir: Path = ROOT / "bench" / "out") -> None:
-    """RESULTS.md from <out>/run.json and <out>/<task>/result.json (and the sweep)."""
+                     sweep_dir: Path = ROOT / "bench" / "out", also: list[Path] = ()) -> None:
+    """RESULTS.md from <out>/run.json and <out>/<task>/result.json, a section for each run
+    in ``also`` (its own out directory), and the sweep."""
     run = json.loads((out / "run.json").read_text())
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
-    results = [r for r in results if "methods" in r]  # result files of this script's format
-    order = {t: i for i, t in enumerate(TASKS)}
-    results.sort(key=lambda r: order.get(r["task"], 9))
+    results = _load_results(out)
     plan = run["plan"]
     md = ["# Results on real data", "",
           f"Soft prompts vs hand-written prompts with {run['model']}, on the test splits of "
@@ -511,7 +590,7 @@ def write_results_md(out: Path, path: Path = ROOT / "RESULTS.md",
     md += _provenance(run, results)
     md += ["## What was cut to fit the budget", ""] + [f"- {c}" for c in plan["cuts"]] + [""]
     if results:
-        md += ["## Summary", ""] + _summary(results) + [""]
+        md += ["## Summary", ""] + _summary(results, out) + [""] + _chosen_note(results)
     for r in results:
         s = r["settings"]
         systems, spread = _systems(r)
@@ -545,6 +624,8 @@ def write_results_md(out: Path, path: Path = ROOT / "RESULTS.md",
             md.append("")
     if results:
         md += _findings(results)
+    for other in also:
+        md += _further_run(Path(other), out, run)
     md += _sweep_section(sweep_dir)
     path.write_text("\n".join(md) + "\n", encoding="utf-8")
 
@@ -611,6 +692,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--output", type=Path, default=ROOT / "RESULTS.md",
                     help="the Markdown file to write (default: RESULTS.md; the learning "
                          "curve goes to results/ beside it)")
+    ap.add_argument("--also", action="append", default=[], metavar="OUT",
+                    help="another run's --out directory: a section of its own in --output "
+                         "(repeatable)")
+    ap.add_argument("--hard-from", metavar="OUT", default=None,
+                    help="an earlier run's --out directory on the same test examples: its "
+                         "hard-prompt evaluations are copied, not repeated")
     ap.add_argument("--reuse", action="store_true",
                     help="keep trained prompts and finished evaluations in --out; run the rest")
     ap.add_argument("--report-only", action="store_true",
@@ -624,7 +711,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     if args.report_only:
-        write_results_md(out, args.output)
+        write_results_md(out, args.output, also=args.also)
         return
     plan = make_plan(args)
     per_task = estimate(plan)
@@ -655,7 +742,7 @@ def main(argv: list[str] | None = None) -> None:
            "date": _now(), "wall_seconds": round(wall, 1), "model": args.model,
            "plan": asdict(plan)}
     (out / "run.json").write_text(json.dumps(run, indent=1))
-    write_results_md(out, args.output)
+    write_results_md(out, args.output, also=args.also)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def test_a_tiny_run_writes_results_md_with_seeds_shots_margins_and_curve(results
     assert text.count("| soft prompt (prefix) | ") == 3
     # Every method's row names what it trained: P x H = 20 x 32 for the prompt, a key and a
     # value of 2 heads x 16 per layer, 2 layers, 20 slots for the prefix.
-    rows = {line.split(" | ")[2]: line for line in summary.splitlines()
+    rows = {line.split(" | ")[2].rstrip(" *"): line for line in summary.splitlines()
             if line.startswith("| translation | ")}
     assert rows["prompt"].endswith(" | 640 |") and rows["prefix"].endswith(" | 2,560 |")
     assert "hard: ours, 1-shot" in text and "demonstrations fitted per example" in text
@@ -132,8 +132,40 @@ def test_a_tiny_run_writes_results_md_with_seeds_shots_margins_and_curve(results
     assert (md.parent / "results" / "learning_curve_translation.png").stat().st_size > 1000
     result = json.loads((out / "translation" / "result.json").read_text())
     assert [p["train_examples"] for p in result["methods"]["prompt"]["curve"]] == [4, 8]
+    # Each task's method with the lower validation loss is marked, as its softprompt.json
+    # files say.
+    for task in ("summarization", "qa", "translation"):
+        val = {m: results._validation_loss(out / task / m) for m in ("prompt", "prefix")}
+        chosen = min(val, key=val.get)
+        row = next(line for line in summary.splitlines() if line.startswith(f"| {task} | ")
+                   and f" | {chosen} * | " in line)
+        assert f" | {val[chosen]:.3f} | " in row
+    assert summary.count(" * | ") == 3
     # --report-only rewrites the same file from the run's files alone.
     first = text.split("(this file written")[1].split("\n", 1)[1]
     md.unlink()
     results.main(["--report-only", "--out", str(out), "--output", str(md)])
     assert md.read_text().split("(this file written")[1].split("\n", 1)[1] == first
+    # A further run (one method, one seed) takes the hard prompts' evaluations from the first
+    # instead of repeating them, and --also gives it a section of its own.
+    out2 = tmp_path / "out2"
+    results.main(["--model", str(tiny_dirs["gpt2"]), "--limit", "3", "--train-limit", "8",
+                  "--epochs", "1", "--methods", "prefix", "--seeds", "0", "--shots", "0,1",
+                  "--curve-task", "none", "--val-limit", "2", "--val-loss-limit", "3",
+                  "--out", str(out2), "--output", str(tmp_path / "doc" / "further.md"),
+                  "--hard-from", str(out), "--quiet"])
+    hard = results._hard_systems(out2 / "qa" / "prefix")
+    assert hard and hard == results._hard_systems(out / "qa" / "prompt")
+    for name in hard:  # copied, not evaluated again: a repeat would time itself anew
+        assert ((out2 / "qa" / "prefix" / "systems" / name / "metrics.json").read_bytes()
+                == (out / "qa" / "prompt" / "systems" / name / "metrics.json").read_bytes())
+    results.main(["--report-only", "--out", str(out), "--output", str(md), "--also", str(out2)])
+    further = md.read_text().split("## Further run: prefix, one training seed (0)")[1]
+    assert json.loads((out2 / "run.json").read_text())["command"] in further
+    assert (f"evaluations of summarization, qa, translation are the main run's (commit "
+            f"{run['commit']}: identical predictions") in further
+    assert further.count(" | prefix | ") == 3
+    with pytest.raises(SystemExit, match="--hard-from: no evaluations in"):
+        results.main(["--model", str(tiny_dirs["gpt2"]), "--tasks", "qa", "--limit", "3",
+                      "--out", str(tmp_path / "out3"), "--hard-from", str(tmp_path / "none"),
+                      "--output", str(tmp_path / "doc" / "x.md"), "--quiet"])
