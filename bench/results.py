@@ -19,8 +19,18 @@ says what was cut.
     python bench/results.py --reuse                # continue an interrupted run
     python bench/results.py --report-only          # rewrite RESULTS.md from --out
 
-RESULTS.md is generated whole: every figure in it is computed from the run's result.json
-files, with the command, commit, machine, date and time of the run.
+Further runs beside the main one, each into its own --out, reusing the main run's hard-prompt
+evaluations, then RESULTS.md with a section for each (the recipe of the current RESULTS.md):
+
+    python bench/results.py --methods prompt,ptuning,residual,prefix --seeds 0 \
+        --train-limit 160 --curve-task none --hard-from results-output \
+        --out results-methods --output results/methods.md
+    python bench/results.py --methods prefix --seeds 0 --train-minutes 20 --curve-task none \
+        --hard-from results-output --out results-prefix-20min --output results/prefix-20min.md
+    python bench/results.py --report-only --also results-methods --also results-prefix-20min
+
+RESULTS.md is generated whole: every figure in it is computed from the runs' result.json
+files, with the command, commit, machine, date and time of each run.
 """
 
 from __future__ import annotations
