@@ -44,7 +44,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -182,6 +182,7 @@ def make_plan(args) -> Plan:
         for t in tasks:
             plan.train_examples[t], plan.epochs[t] = train_examples_for(
                 t, args.train_minutes, plan, _split_size(t), fixed_epochs=bool(args.epochs))
+    check_methods(plan.methods)
     wanted = dict(plan.train_examples)
     budget = args.budget_hours * 3600
     while (not (args.train_limit or args.train_minutes)
@@ -260,27 +261,22 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
-def method_options(method: str) -> tuple[dict[str, str], dict[str, str]]:
-    """``method=`` for whichever config declares it (PromptConfig, TrainConfig: the methods
-    of issue #11); "prompt" on a tree without methods needs none."""
-    for i, cls in enumerate((PromptConfig, TrainConfig)):
-        if "method" in {f.name for f in fields(cls)}:
-            return ({"method": method}, {}) if i == 0 else ({}, {"method": method})
-    if method != "prompt":
-        raise SystemExit(f"error: method {method!r} is not in this tree (no config has a "
-                         f"'method' field); use --methods prompt")
-    return {}, {}
+def check_methods(methods: list[str]) -> None:
+    """An unknown method answers before hours of work, naming the ones there are."""
+    unknown = [m for m in methods if m not in {str(x) for x in ALL_METHODS}]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}; --methods takes a "
+                         f"comma-separated subset of {','.join(str(x) for x in ALL_METHODS)}")
 
 
 def _configs(task: str, plan: Plan, method: str, n: int) -> tuple[PromptConfig, TrainConfig]:
     s = SETTINGS[task]
-    prompt_opts, train_opts = method_options(method)
-    return (PromptConfig(num_virtual_tokens=s["num_virtual_tokens"], **prompt_opts),
+    return (PromptConfig(num_virtual_tokens=s["num_virtual_tokens"], method=method),
             # The swept lr is the prompt method's; the other methods take their own default.
             TrainConfig(epochs=plan.epochs[task], lr=s["lr"] if method == "prompt" else None,
                         batch_size=BATCH_SIZE,
                         max_length=s["max_length"], max_train_examples=n,
-                        max_eval_examples=plan.val_loss_limit, patience=1, **train_opts))
+                        max_eval_examples=plan.val_loss_limit, patience=1))
 
 
 HARD_PREFIXES = ("hard_", "no_instruction")
@@ -732,8 +728,6 @@ def main(argv: list[str] | None = None) -> None:
     # The code that runs, taken now: the run's own figures (results/*.png) are new files by
     # the end and would mark the tree dirty.
     commit = git_commit()
-    for method in plan.methods:
-        method_options(method)  # an unknown method answers before hours of work
     for name in plan.tasks:
         result_path = out / name / "result.json"
         previous = json.loads(result_path.read_text()) if result_path.is_file() else {}

@@ -75,18 +75,12 @@ def test_train_minutes_sizes_each_training_set_then_its_epochs_to_the_minutes(re
         results.make_plan(results.parse_args(["--train-minutes", "20", "--train-limit", "300"]))
 
 
-def test_a_method_missing_from_the_tree_is_refused_before_any_work(results):
-    from dataclasses import fields
-
-    from softprompt.config import PromptConfig, TrainConfig
-
-    if any(f.name == "method" for cls in (PromptConfig, TrainConfig) for f in fields(cls)):
-        assert results.method_options("prefix") in (({"method": "prefix"}, {}),
-                                                    ({}, {"method": "prefix"}))
-    else:
-        assert results.method_options("prompt") == ({}, {})
-        with pytest.raises(SystemExit, match="method 'prefix' is not in this tree"):
-            results.method_options("prefix")
+def test_an_unknown_method_is_refused_before_any_work(results):
+    with pytest.raises(SystemExit, match=r"unknown method\(s\) lora; --methods takes a "
+                                         r"comma-separated subset of prompt,ptuning,residual"):
+        results.make_plan(results.parse_args(["--methods", "prompt,lora", "--plan"]))
+    assert results.make_plan(results.parse_args(["--methods", "residual"])).methods == [
+        "residual"]
 
 
 def test_a_tiny_run_writes_results_md_with_seeds_shots_margins_and_curve(results, tiny_dirs,
