@@ -53,7 +53,6 @@ from report import git_commit  # noqa: E402
 
 from softprompt.comparison import SOFT, compare  # noqa: E402
 from softprompt.config import (  # noqa: E402
-    DEFAULT_LR,
     GenerationConfig,
     PromptConfig,
     TrainConfig,
@@ -136,6 +135,7 @@ class Plan:
     curve_below: list[int] = field(default_factory=lambda: list(CURVE_SIZES))
     estimate_seconds: float = 0.0
     cuts: list[str] = field(default_factory=list)
+    lr: dict[str, float] = field(default_factory=dict)  # --lr: a method's peak learning rate
 
 
 def _soft_seconds(task: str, n: int, plan: Plan) -> float:
@@ -183,6 +183,7 @@ def make_plan(args) -> Plan:
             plan.train_examples[t], plan.epochs[t] = train_examples_for(
                 t, args.train_minutes, plan, _split_size(t), fixed_epochs=bool(args.epochs))
     check_methods(plan.methods)
+    plan.lr = parse_lrs(args.lr)
     wanted = dict(plan.train_examples)
     budget = args.budget_hours * 3600
     while (not (args.train_limit or args.train_minutes)
@@ -261,6 +262,20 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
+def parse_lrs(text: str | None) -> dict[str, float]:
+    """``--lr prefix=0.03,prompt=0.05`` as {method: lr}."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        method, _, value = item.partition("=")
+        try:
+            out[method.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"error: --lr takes METHOD=LR pairs, e.g. --lr prefix=0.03; got "
+                             f"{item!r}") from None
+    check_methods(list(out))
+    return out
+
+
 def check_methods(methods: list[str]) -> None:
     """An unknown method answers before hours of work, naming the ones there are."""
     unknown = [m for m in methods if m not in {str(x) for x in ALL_METHODS}]
@@ -273,7 +288,8 @@ def _configs(task: str, plan: Plan, method: str, n: int) -> tuple[PromptConfig, 
     s = SETTINGS[task]
     return (PromptConfig(num_virtual_tokens=s["num_virtual_tokens"], method=method),
             # The swept lr is the prompt method's; the other methods take their own default.
-            TrainConfig(epochs=plan.epochs[task], lr=s["lr"] if method == "prompt" else None,
+            TrainConfig(epochs=plan.epochs[task],
+                        lr=plan.lr.get(method, s["lr"] if method == "prompt" else None),
                         batch_size=BATCH_SIZE,
                         max_length=s["max_length"], max_train_examples=n,
                         max_eval_examples=plan.val_loss_limit, patience=1))
@@ -408,8 +424,10 @@ def _seeds_sentence(seeds: list[int]) -> str:
             "mean ± sample std.")
 
 
-def _default_lrs() -> str:
-    return ", ".join(f"{m} {lr}" for m, lr in DEFAULT_LR.items() if m != "prompt")
+def _lrs(r: dict) -> str:
+    """Each method's peak learning rate, as its comparison recorded it."""
+    return ", ".join(f"{method} {m['settings']['lr']}" for method, m in r["methods"].items()
+                     if m.get("settings", {}).get("lr") is not None)
 
 
 def _summary(results: list[dict], out: Path) -> list[str]:
@@ -601,8 +619,8 @@ def write_results_md(out: Path, path: Path = ROOT / "RESULTS.md",
         s = r["settings"]
         systems, spread = _systems(r)
         md += [f"## {TASK_TITLES.get(r['task'], r['task'])}", "",
-               f"Soft prompts: P={s['num_virtual_tokens']}, lr={s['lr']} (method prompt; the "
-               f"others their default: {_default_lrs()}), {s['epochs']} "
+               f"Soft prompts: P={s['num_virtual_tokens']}, learning rate {_lrs(r)}, "
+               f"{s['epochs']} "
                f"epoch(s) on the first {s['train_examples']} training examples, batch "
                f"{s['batch_size']}, max length {s['max_length']}; "
                f"{r['test_examples'] or 'all'} test examples. Training time per seed: "
@@ -647,6 +665,7 @@ def _command(args) -> str:
                                  ("--limit", args.limit, TEST_EXAMPLES),
                                  ("--train-limit", args.train_limit, None),
                                  ("--train-minutes", args.train_minutes, None),
+                                 ("--lr", args.lr, None),
                                  ("--epochs", args.epochs, None),
                                  ("--curve-task", args.curve_task, CURVE_TASK),
                                  ("--curve-sizes", args.curve_sizes,
@@ -656,7 +675,7 @@ def _command(args) -> str:
                                  ("--val-loss-limit", args.val_loss_limit, VAL_LOSS_LIMIT),
                                  ("--model", args.model, DEFAULT_MODEL)):
         if value != default:
-            parts += [flag, str(value)]
+            parts += [flag, format(value, "g") if isinstance(value, float) else str(value)]
     return " ".join(parts)
 
 
@@ -680,6 +699,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="size each task's training set (and, where the split runs out first, "
                          "its epochs) to this many minutes of training on the machine of "
                          "TIMINGS, instead of cutting to fit --budget-hours")
+    ap.add_argument("--lr", default=None, metavar="METHOD=LR,...",
+                    help="peak learning rates by method (default: the swept 0.03 for prompt, "
+                         "the package's defaults for the others)")
     ap.add_argument("--epochs", type=int, default=None,
                     help="training epochs per task (default: SETTINGS' epochs)")
     ap.add_argument("--curve-task", default=CURVE_TASK, help="the task with a learning curve "

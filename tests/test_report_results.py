@@ -75,6 +75,15 @@ def test_train_minutes_sizes_each_training_set_then_its_epochs_to_the_minutes(re
         results.make_plan(results.parse_args(["--train-minutes", "20", "--train-limit", "300"]))
 
 
+def test_lr_takes_method_rate_pairs_and_refuses_anything_else(results):
+    plan = results.make_plan(results.parse_args(["--lr", "prefix=0.03,prompt=0.1"]))
+    assert plan.lr == {"prefix": 0.03, "prompt": 0.1}
+    for bad, match in (("prefix", "METHOD=LR pairs"), ("prefix=fast", "METHOD=LR pairs"),
+                       ("lora=0.1", "unknown method")):
+        with pytest.raises(SystemExit, match=match):
+            results.make_plan(results.parse_args(["--lr", bad]))
+
+
 def test_an_unknown_method_is_refused_before_any_work(results):
     with pytest.raises(SystemExit, match=r"unknown method\(s\) lora; --methods takes a "
                                          r"comma-separated subset of prompt,ptuning,residual"):
@@ -146,6 +155,7 @@ def test_a_tiny_run_writes_results_md_with_seeds_shots_margins_and_curve(results
     results.main(["--model", str(tiny_dirs["gpt2"]), "--limit", "3", "--train-limit", "8",
                   "--epochs", "1", "--methods", "prefix", "--seeds", "0", "--shots", "0,1",
                   "--curve-task", "none", "--val-limit", "2", "--val-loss-limit", "3",
+                  "--lr", "prefix=0.05",
                   "--out", str(out2), "--output", str(tmp_path / "doc" / "further.md"),
                   "--hard-from", str(out), "--quiet"])
     hard = results._hard_systems(out2 / "qa" / "prefix")
@@ -159,6 +169,12 @@ def test_a_tiny_run_writes_results_md_with_seeds_shots_margins_and_curve(results
     assert (f"evaluations of summarization, qa, translation are the main run's (commit "
             f"{run['commit']}: identical predictions") in further
     assert further.count(" | prefix | ") == 3
+    # --lr reached the trainer, and the reports say the rate each method trained with.
+    assert json.loads((out2 / "qa" / "prefix" / "comparison.json").read_text())["settings"][
+        "lr"] == 0.05
+    assert "--lr prefix=0.05" in json.loads((out2 / "run.json").read_text())["command"]
+    assert "learning rate prefix 0.05, " in (tmp_path / "doc" / "further.md").read_text()
+    assert "learning rate prompt 0.03, prefix 0.01, " in text
     with pytest.raises(SystemExit, match="--hard-from: no evaluations in"):
         results.main(["--model", str(tiny_dirs["gpt2"]), "--tasks", "qa", "--limit", "3",
                       "--out", str(tmp_path / "out3"), "--hard-from", str(tmp_path / "none"),
