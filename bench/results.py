@@ -475,12 +475,12 @@ def _hard_systems(method_dir: Path) -> dict[str, bytes]:
             if d.name.startswith(HARD_PREFIXES) and (d / "predictions.jsonl").is_file()}
 
 
-def _further_run(out: Path, main_out: Path, main_run: dict) -> list[str]:
+def _further_run(number: int, out: Path, main_out: Path, main_run: dict) -> list[str]:
     """A run beside the main one (``--also``): its provenance, settings and summary."""
     run = json.loads((out / "run.json").read_text())
     results = _load_results(out)
     plan = run["plan"]
-    lines = [f"## Further run: {', '.join(plan['methods'])}, "
+    lines = [f"## Further run {number}: {', '.join(plan['methods'])}, "
              f"{_seeds_sentence(plan['seeds']).split(' per method')[0]}", ""]
     lines += _provenance(run, results)
     lines += ["Training sets: " + ", ".join(
@@ -648,8 +648,8 @@ def write_results_md(out: Path, path: Path = ROOT / "RESULTS.md",
             md.append("")
     if results:
         md += _findings(results)
-    for other in also:
-        md += _further_run(Path(other), out, run)
+    for number, other in enumerate(also, 1):
+        md += _further_run(number, Path(other), out, run)
     md += _sweep_section(sweep_dir)
     path.write_text("\n".join(md) + "\n", encoding="utf-8")
 

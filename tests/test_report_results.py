@@ -164,7 +164,7 @@ def test_a_tiny_run_writes_results_md_with_seeds_shots_margins_and_curve(results
         assert ((out2 / "qa" / "prefix" / "systems" / name / "metrics.json").read_bytes()
                 == (out / "qa" / "prompt" / "systems" / name / "metrics.json").read_bytes())
     results.main(["--report-only", "--out", str(out), "--output", str(md), "--also", str(out2)])
-    further = md.read_text().split("## Further run: prefix, one training seed (0)")[1]
+    further = md.read_text().split("## Further run 1: prefix, one training seed (0)")[1]
     assert json.loads((out2 / "run.json").read_text())["command"] in further
     assert (f"evaluations of summarization, qa, translation are the main run's (commit "
             f"{run['commit']}: identical predictions") in further
