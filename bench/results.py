@@ -486,6 +486,7 @@ def _further_run(number: int, out: Path, main_out: Path, main_run: dict) -> list
     lines += ["Training sets: " + ", ".join(
         f"{r['task']} {r['settings']['train_examples']} examples x "
         f"{r['settings']['epochs']} epoch(s)" for r in results) + f"; batch {BATCH_SIZE}; "
+              f"learning rate {_lrs(results[0]) if results else '-'}; "
               f"{plan['test_examples'] or 'all'} test examples."]
     same = []
     for r in results:

@@ -174,6 +174,7 @@ def test_a_tiny_run_writes_results_md_with_seeds_shots_margins_and_curve(results
         "lr"] == 0.05
     assert "--lr prefix=0.05" in json.loads((out2 / "run.json").read_text())["command"]
     assert "learning rate prefix 0.05, " in (tmp_path / "doc" / "further.md").read_text()
+    assert "; learning rate prefix 0.05; " in further
     assert "learning rate prompt 0.03, prefix 0.01, " in text
     with pytest.raises(SystemExit, match="--hard-from: no evaluations in"):
         results.main(["--model", str(tiny_dirs["gpt2"]), "--tasks", "qa", "--limit", "3",
