@@ -307,16 +307,17 @@ def run_task(name: str, plan: Plan, out_dir: Path, args) -> dict:
         shutil.rmtree(task_dir)  # a fresh run
     n = plan.train_examples[name]
     if args.hard_from:
-        _copy_hard(Path(args.hard_from) / name, task_dir / plan.methods[0])
+        earlier = next(iter(sorted((Path(args.hard_from) / name).glob("*/systems"))), None)
+        if earlier is None:
+            raise SystemExit(f"error: --hard-from: no evaluations in {args.hard_from}/{name}; "
+                             "give the --out directory of a finished run")
+        _copy_hard(earlier, task_dir / plan.methods[0])
     validation = DATA / name / "validation.jsonl"
     methods = {}
     for i, method in enumerate(plan.methods):
         method_dir = task_dir / method
         if i:  # the hard prompts were evaluated with the first method: read them back
-            for src in (task_dir / plan.methods[0] / "systems").iterdir():
-                if src.name.startswith(HARD_PREFIXES) and not (method_dir / "systems" /
-                                                                src.name).exists():
-                    shutil.copytree(src, method_dir / "systems" / src.name)
+            _copy_hard(task_dir / plan.methods[0] / "systems", method_dir)
         pcfg, tcfg = _configs(name, plan, method, n)
         comp = compare(
             task, str(DATA / name / "train.jsonl"), str(DATA / name / "test.jsonl"), method_dir,
@@ -351,14 +352,10 @@ def _trainable_parameters(method_dir: Path) -> int | None:
     return json.loads(metas[0].read_text())["metrics"].get("trainable_parameters")
 
 
-def _copy_hard(earlier_task_dir: Path, method_dir: Path) -> None:
-    """The hard-prompt evaluations of an earlier run's task (its first method's directory)
+def _copy_hard(systems: Path, method_dir: Path) -> None:
+    """The hard-prompt evaluations in ``systems`` (another method's, or an earlier run's)
     into ``method_dir``, where compare(reuse=True) finds them finished."""
-    earlier = next(iter(sorted(earlier_task_dir.glob("*/systems"))), None)
-    if earlier is None:
-        raise SystemExit(f"error: --hard-from: no evaluations in {earlier_task_dir}; give "
-                         "the --out directory of a finished run")
-    for src in earlier.iterdir():
+    for src in systems.iterdir():
         dest = method_dir / "systems" / src.name
         if src.name.startswith(HARD_PREFIXES) and not dest.exists():
             shutil.copytree(src, dest)
